@@ -1,0 +1,98 @@
+"""Defaults shared by every experiment: the paper's CIFAR-10 setting.
+
+Experiment files (`configs/cifar10.py`, `configs/fashion_mnist.py`, ...) call
+`get_config()` here and override only what differs. Frequencies are in
+training steps. Optional fields are ml_collections placeholders, so a locked
+config still type-checks an override such as `--config.data.data_dir=/x`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration (Ho et al. 2020, CIFAR-10)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Input pipeline (ddpm_jax/input_pipeline.py).
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'cifar10'  # TFDS name.
+  data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default.
+  data.manual_dir = config_dict.placeholder(str)  # Where manually placed files live.
+  data.train_split = 'train'
+  data.eval_split = 'test'
+  data.image_size = 32
+  data.num_channels = 3
+  data.resize_method = 'resize'  # 'pad' | 'resize' | 'center_crop'.
+  data.random_flip = True
+  data.shuffle_buffer = 50_000
+
+  # The U-Net (ddpm_jax/models/unet.py). This is the 35.7M-parameter network.
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)  # Spatial sizes at which self-attention runs.
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.dtype = 'float32'  # Compute dtype: 'bfloat16' on accelerators.
+
+  # The diffusion process and objective (ddpm_jax/diffusion.py).
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = 'linear'
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.num_timesteps = 1000
+  diffusion.model_mean_type = 'eps'  # 'eps' | 'x0' | 'v' | 'xprev'.
+  diffusion.model_var_type = 'fixedlarge'  # | 'fixedsmall' | 'learned' | 'learned_range'.
+  diffusion.loss_type = 'mse'  # 'mse' (L_simple) | 'kl' (true bound) | 'hybrid'.
+  diffusion.vlb_weight = 0.001  # lambda of the hybrid loss.
+  diffusion.min_snr_gamma = 0.0  # > 0 weights the MSE by min-SNR-gamma; 0 = off.
+
+  # Optimizer (Adam with linear warm-up, global-norm clipping) and EMA.
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4
+  optim.warmup_steps = 5000
+  optim.grad_clip = 1.0  # Global-norm clipping; 0 = off.
+  optim.beta1 = 0.9
+  optim.beta2 = 0.999
+  optim.eps = 1e-8
+  optim.ema_decay = 0.9999
+  # Use min(ema_decay, (1 + step) / (10 + step)) so short runs' EMA is not
+  # dominated by the random initialisation. The paper's long runs did not.
+  optim.ema_warmup = False
+
+  # Training loop (ddpm_jax/train.py).
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # Global batch, over all devices of all hosts.
+  training.num_train_steps = 800_000
+  training.steps_per_call = 1  # Steps per compiled call (a lax.scan over batches).
+  training.log_every_steps = 100
+  training.checkpoint_every_steps = 5000
+  training.keep_checkpoints = 3
+  training.sample_every_steps = 20_000  # 0 = never.
+  training.num_sample_images = 64  # Images in each periodic sample grid.
+  training.max_consecutive_nonfinite = 10  # Skipped non-finite steps in a row before stopping.
+
+  # Sampling (--mode=sample and the periodic grids).
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = 'ddpm'  # 'ddpm' (ancestral, T steps) | 'respaced' | 'ddim'.
+  sampling.num_steps = 100  # For 'respaced' and 'ddim'.
+  sampling.ddim_eta = 0.0
+  sampling.ddim_skip = 'uniform'  # 'uniform' | 'quad'.
+  sampling.clip_denoised = True
+  sampling.num_samples = 50_000
+  sampling.batch_size = 256
+  sampling.grid_sampler = 'ddim'  # Sampler of the periodic training grids (cheap).
+  sampling.grid_num_steps = 50
+
+  # Evaluation (--mode=eval).
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.batch_size = 256
+  evaluation.num_bpd_examples = 10_000  # Test images through the full bound.
+  evaluation.num_fid_samples = 50_000
+  evaluation.feature_extractor = 'inception'  # 'inception' | 'domain'.
+  evaluation.inception_weights = config_dict.placeholder(str)  # Local pytorch-fid .pth file.
+
+  return config

@@ -1,0 +1,122 @@
+"""Cross-field checks of an experiment config, run before any expensive work.
+
+Type errors and typos in overrides are already caught by ml_collections
+(configs are locked); this catches values that are well typed but cannot
+work together, and says which choices are valid.
+"""
+
+from typing import List
+
+import ml_collections
+
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import generate
+from ddpm_jax import schedules
+
+_RESIZE_METHODS = ('pad', 'resize', 'center_crop')
+_MODEL_DTYPES = ('float32', 'bfloat16')
+_FEATURE_EXTRACTORS = ('inception', 'domain')
+
+
+class ConfigError(ValueError):
+  """The config cannot work; the message lists every problem found."""
+
+
+def _choice(problems: List[str], name: str, value, choices) -> None:
+  if value not in choices:
+    problems.append(f'{name}={value!r} is not one of: {", ".join(map(str, choices))}.')
+
+
+def _positive(problems: List[str], name: str, value) -> None:
+  if not value > 0:
+    problems.append(f'{name} must be > 0, got {value!r}.')
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError listing every problem of `config`; returns None if fine.
+
+  Args:
+    config: the experiment config.
+    num_devices: devices the global batch will be split over.
+  """
+  problems: List[str] = []
+  data, model, dc = config.data, config.model, config.diffusion
+  optim, training, smp = config.optim, config.training, config.sampling
+
+  _choice(problems, 'data.resize_method', data.resize_method, _RESIZE_METHODS)
+  _choice(problems, 'data.num_channels', data.num_channels, (1, 3))
+  _positive(problems, 'data.image_size', data.image_size)
+
+  _choice(problems, 'model.dtype', model.dtype, _MODEL_DTYPES)
+  _positive(problems, 'model.ch', model.ch)
+  _positive(problems, 'model.num_res_blocks', model.num_res_blocks)
+  if not 0.0 <= model.dropout < 1.0:
+    problems.append(f'model.dropout must be in [0, 1), got {model.dropout}.')
+  if not model.ch_mult:
+    problems.append('model.ch_mult must name at least one level.')
+  else:
+    for mult in model.ch_mult:
+      if (model.ch * mult) % 32:
+        problems.append(f'model.ch * ch_mult = {model.ch * mult} channels do not divide into '
+                        'the 32 GroupNorm groups; use multiples of 32.')
+        break
+    factor = 2 ** (len(model.ch_mult) - 1)
+    if data.image_size % factor:
+      problems.append(f'data.image_size={data.image_size} does not divide by {factor}, which '
+                      f'the {len(model.ch_mult)}-level U-Net (model.ch_mult={tuple(model.ch_mult)}) '
+                      'needs for its downsampling; change one of them.')
+    resolutions = [data.image_size // 2**i for i in range(len(model.ch_mult))]
+    for r in model.attn_resolutions:
+      if r not in resolutions:
+        problems.append(f'model.attn_resolutions has {r}, but the U-Net only has the '
+                        f'resolutions {resolutions}.')
+
+  _choice(problems, 'diffusion.beta_schedule', dc.beta_schedule, schedules.BETA_SCHEDULES)
+  _choice(problems, 'diffusion.model_mean_type', dc.model_mean_type, diffusion_lib.MODEL_MEAN_TYPES)
+  _choice(problems, 'diffusion.model_var_type', dc.model_var_type, diffusion_lib.MODEL_VAR_TYPES)
+  _choice(problems, 'diffusion.loss_type', dc.loss_type, diffusion_lib.LOSS_TYPES)
+  _positive(problems, 'diffusion.num_timesteps', dc.num_timesteps)
+  if dc.loss_type == 'hybrid' and dc.model_var_type not in ('learned', 'learned_range'):
+    problems.append("diffusion.loss_type='hybrid' needs model_var_type 'learned' or "
+                    f"'learned_range', got {dc.model_var_type!r}.")
+  if dc.beta_schedule in ('linear', 'quad', 'const', 'warmup10', 'warmup50') and not (
+      0 < dc.beta_start <= dc.beta_end < 1):
+    problems.append('diffusion.beta_start/beta_end must satisfy 0 < start <= end < 1, got '
+                    f'{dc.beta_start}, {dc.beta_end}.')
+
+  _positive(problems, 'optim.learning_rate', optim.learning_rate)
+  if not 0.0 <= optim.ema_decay < 1.0:
+    problems.append(f'optim.ema_decay must be in [0, 1), got {optim.ema_decay}.')
+
+  _positive(problems, 'training.batch_size', training.batch_size)
+  if training.batch_size > 0 and training.batch_size % num_devices:
+    problems.append(f'training.batch_size={training.batch_size} does not divide by the '
+                    f'{num_devices} devices; use a multiple of {num_devices}.')
+  _positive(problems, 'training.num_train_steps', training.num_train_steps)
+  _positive(problems, 'training.steps_per_call', training.steps_per_call)
+  _positive(problems, 'training.log_every_steps', training.log_every_steps)
+  _positive(problems, 'training.checkpoint_every_steps', training.checkpoint_every_steps)
+  for name in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
+    every = training[name]
+    if every > 0 and training.steps_per_call > 0 and every % training.steps_per_call:
+      problems.append(f'training.{name}={every} must be a multiple of '
+                      f'training.steps_per_call={training.steps_per_call}.')
+  if training.sample_every_steps > 0 and training.num_sample_images % num_devices:
+    problems.append(f'training.num_sample_images={training.num_sample_images} does not divide '
+                    f'by the {num_devices} devices.')
+
+  for sampler_field, steps_field in (('sampler', 'num_steps'), ('grid_sampler', 'grid_num_steps')):
+    try:
+      generate.check_sampler(smp[sampler_field], smp[steps_field], dc.num_timesteps)
+    except ValueError as e:
+      problems.append(f'sampling.{sampler_field}: {e}')
+  _choice(problems, 'sampling.ddim_skip', smp.ddim_skip, ('uniform', 'quad'))
+  if smp.ddim_eta < 0:
+    problems.append(f'sampling.ddim_eta must be >= 0, got {smp.ddim_eta}.')
+  if smp.batch_size % num_devices:
+    problems.append(f'sampling.batch_size={smp.batch_size} does not divide by the '
+                    f'{num_devices} devices.')
+  _choice(problems, 'eval.feature_extractor', config.eval.feature_extractor, _FEATURE_EXTRACTORS)
+
+  if problems:
+    raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

@@ -1,0 +1,45 @@
+"""Turning model-space images into pixels: uint8 conversion, grids, PNG files."""
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Maps [-1, 1] floats to uint8 pixels the way the data were made (x/127.5 - 1)."""
+  images = np.asarray(images, dtype=np.float32)
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, num_columns: Optional[int] = None, padding: int = 2,
+              pad_value: int = 255) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, C] into one [rows*(H+p)+p, cols*(W+p)+p, C] image."""
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f'make_grid takes images [N, H, W, C], got shape {images.shape}.')
+  n, h, w, c = images.shape
+  cols = num_columns or int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c),
+                 pad_value, dtype=images.dtype)
+  for i in range(n):
+    r, k = divmod(i, cols)
+    top, left = padding + r * (h + padding), padding + k * (w + padding)
+    grid[top:top + h, left:left + w] = images[i]
+  return grid
+
+
+def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
+  """Writes a uint8 [H, W, C] image (C in 1, 3) to `path`, creating folders."""
+  image = np.asarray(image)
+  if image.shape[-1] == 1:
+    image = image[..., 0]
+  if upscale > 1:
+    image = np.repeat(np.repeat(image, upscale, axis=0), upscale, axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  Image.fromarray(image).save(tmp, format='PNG')
+  os.replace(tmp, path)  # Never leave a half-written PNG behind.

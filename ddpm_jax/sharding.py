@@ -1,0 +1,64 @@
+"""Data parallelism: one `Mesh` with a 'data' axis over every device of every host.
+
+The train state is replicated and the batch is split along its first axis;
+`jax.jit` inserts the gradient all-reduce. The same code runs on one CPU, on
+8 TPU cores, or on a multi-host pod: only the mesh differs.
+"""
+
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: all devices of all hosts)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (parameters, optimizer state)."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+  """Split along the batch axis, after `leading_axes` unsharded axes.
+
+  `leading_axes=1` is for a stack of batches [K, B, ...] consumed by a
+  multi-step call.
+  """
+  return NamedSharding(mesh, P(*([None] * leading_axes), DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  """Raises ValueError unless the global batch splits evenly over devices and hosts."""
+  num_devices = mesh.devices.size
+  if global_batch_size % num_devices:
+    raise ValueError(
+        f'The global batch size {global_batch_size} does not divide by the number of '
+        f'devices {num_devices}; choose a multiple of {num_devices}.')
+  if global_batch_size % jax.process_count():
+    raise ValueError(f'The global batch size {global_batch_size} does not divide by the '
+                     f'number of processes {jax.process_count()}.')
+
+
+def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
+                   leading_axes: int = 0) -> Any:
+  """Assembles each host's slice of the batch into one global sharded array.
+
+  Args:
+    local_batch: this process's examples, each array [..., B / num_processes, ...]
+      with the batch axis after `leading_axes` axes.
+    mesh: the data mesh.
+    leading_axes: unsharded axes before the batch axis.
+
+  Returns:
+    The same mapping with global `jax.Array`s sharded over 'data'.
+  """
+  sharding = batch_sharded(mesh, leading_axes)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(local_batch))

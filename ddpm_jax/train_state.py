@@ -1,0 +1,168 @@
+"""The train state, the optimizer and one pure training step.
+
+`TrainState` is flax's, extended with EMA parameters and a count of
+consecutive skipped (non-finite) steps. `train_step` is a pure function of
+(state, batch, rng); the loop in `ddpm_jax/train.py` jits it over the mesh.
+"""
+
+import functools
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from ddpm_jax import diffusion as diffusion_lib
+
+Array = jax.Array
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus EMA parameters and a non-finite step counter.
+
+  Attributes:
+    ema_params: exponential moving average of `params`; used for sampling
+      and evaluation, as in the paper.
+    nonfinite_in_a_row: how many steps in a row had a non-finite loss or
+      gradient (and were therefore skipped); reset by a finite step.
+  """
+  ema_params: Any
+  nonfinite_in_a_row: Array
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with linear warm-up to a constant rate and global-norm clipping."""
+  schedule = learning_rate_schedule(optim)
+  adam = optax.adam(schedule, b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+  if optim.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
+  return adam
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+  """lr * min(step / warmup_steps, 1), the original's warm-up."""
+  if optim.warmup_steps <= 0:
+    return optax.constant_schedule(optim.learning_rate)
+  return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+
+
+def ema_decay_at(step: Array, optim: ml_collections.ConfigDict) -> Array:
+  """The EMA decay used after `step` updates (with optional warm-up)."""
+  decay = jnp.asarray(optim.ema_decay, jnp.float32)
+  if optim.ema_warmup:
+    step = step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return decay
+
+
+def create_train_state(model: nn.Module, config: ml_collections.ConfigDict, rng: Array,
+                       image_shape: Tuple[int, int, int]) -> TrainState:
+  """Initialises parameters, optimizer state and EMA (a copy of the parameters).
+
+  Args:
+    model: the denoiser, called as `model.apply(variables, x, t, train=...)`.
+    config: the experiment config (uses `optim`).
+    rng: PRNG key for the initialisation.
+    image_shape: (H, W, C) of the model's input.
+
+  Returns:
+    A fresh `TrainState` at step 0.
+  """
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  params = model.init({'params': rng}, x, t, train=False)['params']
+  return TrainState.create(
+      apply_fn=model.apply, params=params, tx=make_optimizer(config.optim),
+      ema_params=params, nonfinite_in_a_row=jnp.zeros((), jnp.int32))
+
+
+def _all_finite(tree: Any) -> Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves))
+
+
+def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
+               diffusion: diffusion_lib.Diffusion,
+               config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, Array]]:
+  """One optimisation step on a batch: returns the new state and its metrics.
+
+  A step whose loss or gradient is non-finite changes nothing but the step
+  counter (which keeps data and randomness moving on) and the non-finite
+  counter: parameters, optimizer state and EMA stay as they were.
+
+  Args:
+    state: the current state.
+    batch: {'image': float [B, H, W, C] in [-1, 1]}.
+    rng: this step's key (the loop passes fold_in(seed key, step)).
+    diffusion: the process.
+    config: the experiment config (uses `diffusion`, `optim`).
+
+  Returns:
+    (new state, metrics) with scalar metrics 'loss', 'grad_norm',
+    'learning_rate', 'finite' (1.0 if the step was applied).
+  """
+  images = batch['image']
+  t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+  t = jax.random.randint(t_rng, (images.shape[0],), 0, diffusion.num_timesteps)
+  noise = jax.random.normal(noise_rng, images.shape, images.dtype)
+  dc = config.diffusion
+
+  def loss_fn(params):
+    def model_fn(x_t, timesteps):
+      return state.apply_fn({'params': params}, x_t, timesteps, train=True,
+                            rngs={'dropout': dropout_rng})
+    losses = diffusion_lib.training_losses(
+        diffusion, model_fn, images, t, noise, loss_type=dc.loss_type,
+        model_mean_type=dc.model_mean_type, model_var_type=dc.model_var_type,
+        vlb_weight=dc.vlb_weight,
+        min_snr_gamma=dc.min_snr_gamma if dc.min_snr_gamma > 0 else None)
+    return jnp.mean(losses)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+
+  updated = state.apply_gradients(grads=grads)
+  decay = ema_decay_at(state.step, config.optim)
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                            state.ema_params, updated.params)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(updated.params, state.params),
+      opt_state=keep(updated.opt_state, state.opt_state),
+      ema_params=keep(ema_params, state.ema_params),
+      nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+  )
+  metrics = dict(loss=loss, grad_norm=grad_norm,
+                 learning_rate=learning_rate_schedule(config.optim)(state.step),
+                 finite=finite.astype(jnp.float32))
+  return new_state, metrics
+
+
+def train_steps(state: TrainState, batches: Dict[str, Array], seed_key: Array, *,
+                diffusion: diffusion_lib.Diffusion,
+                config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, Array]]:
+  """K steps in one call: a `lax.scan` of `train_step` over a stack of batches.
+
+  Step s uses the key fold_in(seed_key, s), so a run's randomness depends
+  only on the seed and the step, not on K or on where it was resumed.
+
+  Args:
+    state: the current state.
+    batches: {'image': [K, B, H, W, C]}.
+    seed_key: the run's base key.
+    diffusion, config: as in `train_step`.
+
+  Returns:
+    (new state, metrics) with each metric stacked to shape [K].
+  """
+  step_fn = functools.partial(train_step, diffusion=diffusion, config=config)
+
+  def body(state, batch):
+    return step_fn(state, batch, jax.random.fold_in(seed_key, state.step))
+
+  return jax.lax.scan(body, state, batches)
