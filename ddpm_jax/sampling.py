@@ -1,0 +1,526 @@
+"""Samplers of a trained denoiser, each chain a single compiled `jax.lax.scan`.
+
+All samplers take a `diffusion.Diffusion` and `model_fn(x_t, t) -> output`,
+any pure function of x_t [B, ...] and int32 timesteps t [B] (a U-Net closure
+as much as an analytic denoiser). Before every call of the model the step
+index goes through `d.timestep_map`, so a respaced process calls a model
+trained on the full process with the timesteps it knows.
+
+  * `p_sample_loop`: ancestral sampling, t = T-1 .. 0 (DDPM, Algorithm 2).
+  * `p_sample_loop_progressive`: the same chain with snapshots of x_t and of
+    the predicted x_0 (the paper's progressive generation, Fig. 6).
+  * `ddim_sample_loop`: DDIM (Song et al. 2021, Eq. 12) on a subsequence of
+    timesteps, deterministic for eta = 0.
+  * `respaced_sample_loop`: ancestral sampling on a respaced process
+    (improved DDPM, Nichol & Dhariwal 2021, Sec. 4).
+  * `interpolate`: interpolation in the latent x_t (the paper's Sec. 4.3).
+  * `pc_sample_loop`: predictor-corrector sampling (Song et al. 2021,
+    score SDE): Langevin corrector steps followed by the ancestral predictor.
+
+Randomness: `rng` is split once into an initial-noise key and a step key;
+the noise of step i is `jax.random.normal(fold_in(step_key, i), shape)`. A
+sample is therefore a deterministic function of the key, and since JAX's
+threefry draws do not depend on how an array is sharded, it does not change
+when the batch is split across devices. Every sampler checks its arguments
+before tracing anything and raises `ValueError` naming the valid values.
+"""
+
+import functools
+import math
+import numbers
+from typing import Any, Callable, Dict, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion as diffusion_lib
+
+Array = jax.Array
+ModelFn = Callable[[Array, Array], Array]
+
+DDIM_SKIP_TYPES = ('uniform', 'quad')
+
+
+# ---------------------------------------------------------------------------
+# Argument checks: all run on static Python values, before any tracing.
+
+
+def _check_diffusion(d: Any) -> None:
+  if not isinstance(d, diffusion_lib.Diffusion):
+    raise TypeError(f'd must be a diffusion.Diffusion, got {type(d).__name__}.')
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool)
+
+
+def _check_shape(shape: Any) -> Tuple[int, ...]:
+  """Returns shape as a tuple of ints: [B, ...data dims], at least 2 entries."""
+  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
+      not all(_is_int(s) and s >= 1 for s in shape)):
+    raise ValueError('shape must be a tuple of positive ints, batch first: '
+                     f'(B, ...data dims, C) with at least 2 entries, got {shape!r}.')
+  return tuple(int(s) for s in shape)
+
+
+def _check_int_range(name: str, value: Any, low: int, high: int) -> int:
+  """An int in [low, high] (inclusive)."""
+  if not _is_int(value) or not low <= value <= high:
+    raise ValueError(f'{name} must be an integer in [{low}, {high}], got {value!r}.')
+  return int(value)
+
+
+def _check_nonnegative(name: str, value: Any) -> float:
+  """A static, finite, non-negative real number."""
+  if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+    raise ValueError(f'{name} must be a non-negative Python number, got {value!r}.')
+  value = float(value)
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f'{name} must be a finite number >= 0, got {value!r}.')
+  return value
+
+
+def _check_model_options(clip_denoised: Any, model_mean_type: str,
+                         model_var_type: str) -> None:
+  if not isinstance(clip_denoised, (bool, np.bool_)):
+    raise ValueError(f'clip_denoised must be True or False, got {clip_denoised!r}.')
+  if model_mean_type not in diffusion_lib.MODEL_MEAN_TYPES:
+    raise ValueError(f'Unknown model_mean_type {model_mean_type!r}; valid choices: '
+                     f'{", ".join(diffusion_lib.MODEL_MEAN_TYPES)}.')
+  if model_var_type not in diffusion_lib.MODEL_VAR_TYPES:
+    raise ValueError(f'Unknown model_var_type {model_var_type!r}; valid choices: '
+                     f'{", ".join(diffusion_lib.MODEL_VAR_TYPES)}.')
+
+
+def _check_rng(rng: Any) -> None:
+  """A typed key (shape []) or a raw uint32 key (shape [2] for threefry)."""
+  if not hasattr(rng, 'dtype') or not hasattr(rng, 'shape'):
+    raise ValueError(f'rng must be a JAX PRNG key, got {type(rng).__name__}.')
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    ok = rng.shape == ()
+  else:
+    ok = rng.dtype == jnp.uint32 and len(rng.shape) == 1
+  if not ok:
+    raise ValueError('rng must be a single PRNG key (jax.random.key(seed) or '
+                     f'jax.random.PRNGKey(seed)), got dtype {rng.dtype} and shape '
+                     f'{tuple(rng.shape)}; vmap over a batch of keys instead.')
+
+
+# ---------------------------------------------------------------------------
+# Shared pieces of the chains.
+
+
+def _sample_dtype(d: diffusion_lib.Diffusion) -> jnp.dtype:
+  # Samples follow the tables: float64 tables (under jax_enable_x64) give a
+  # float64 chain, the usual float32 tables a float32 one.
+  return d.alphas_cumprod.dtype
+
+
+def _step_noise(key: Array, i: Array, shape: Tuple[int, ...], dtype: Any) -> Array:
+  return jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
+
+
+def _call_model(d: diffusion_lib.Diffusion, model_fn: ModelFn, x: Array,
+                t: Array) -> Array:
+  """The model at (x, t) with t mapped to the timesteps the model was trained on."""
+  output = model_fn(x, jnp.take(d.timestep_map, t))
+  # A model computing in another precision must not change the carry's dtype,
+  # or the scan would reject its own output.
+  return jnp.asarray(output).astype(x.dtype)
+
+
+def _full(batch: int, t: Array) -> Array:
+  return jnp.full((batch,), t, dtype=jnp.int32)
+
+
+def _ancestral_step(d: diffusion_lib.Diffusion, model_fn: ModelFn, noise_key: Array,
+                    options: Dict[str, Any], x: Array, t_scalar: Array,
+                    with_pred_x0: bool = False) -> Tuple[Array, Array]:
+  """x_{t-1} ~ p(x_{t-1} | x_t) with the noise of step t; optionally pred_x0."""
+  t = _full(x.shape[0], t_scalar)
+  output = _call_model(d, model_fn, x, t)
+  noise = _step_noise(noise_key, t_scalar, x.shape, x.dtype)
+  x_prev = diffusion_lib.p_sample(d, output, x, t, noise, **options).astype(x.dtype)
+  pred_x0 = None
+  if with_pred_x0:
+    # Same expressions as inside p_sample; XLA computes them once.
+    pred_x0 = diffusion_lib.p_mean_variance(d, output, x, t, **options)['pred_x0']
+  return x_prev, pred_x0
+
+
+def _ancestral_chain(d: diffusion_lib.Diffusion, model_fn: ModelFn, x_start: Array,
+                     timesteps: Array, noise_key: Array,
+                     options: Dict[str, Any]) -> Array:
+  """Runs ancestral steps over `timesteps` (descending) in one scan."""
+  step = functools.partial(_ancestral_step, d, model_fn, noise_key, options)
+
+  def body(x, t_scalar):
+    x_prev, _ = step(x, t_scalar)
+    return x_prev, None
+
+  x_end, _ = jax.lax.scan(body, x_start, timesteps)
+  return x_end
+
+
+def _descending(start: int) -> Array:
+  """int32 [start, start-1, ..., 0]."""
+  return jnp.arange(start, -1, -1, dtype=jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Public samplers.
+
+
+def p_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
+                  rng: Array, *, clip_denoised: bool = True, model_mean_type: str = 'eps',
+                  model_var_type: str = 'fixedlarge') -> Array:
+  """Ancestral sampling from x_T ~ N(0, I) down to x_0 (DDPM, Algorithm 2).
+
+  Args:
+    d: the process (T steps; may be respaced).
+    model_fn: `model_fn(x_t, t) -> output`, x_t of `shape`, t int32 [B].
+    shape: static sample shape (B, ...data dims), e.g. (B, H, W, C).
+    rng: a PRNG key.
+    clip_denoised: clip the predicted x_0 to [-1, 1] at every step (the
+      original's sampling default).
+    model_mean_type: what the model predicts, one of
+      `diffusion.MODEL_MEAN_TYPES`.
+    model_var_type: one of `diffusion.MODEL_VAR_TYPES`; learned types take a
+      model output with 2*C channels.
+
+  Returns:
+    x_0 of `shape`, in the dtype of the diffusion tables.
+  """
+  _check_diffusion(d)
+  shape = _check_shape(shape)
+  _check_rng(rng)
+  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
+                 model_var_type=model_var_type)
+  init_key, noise_key = jax.random.split(rng)
+  x_t = jax.random.normal(init_key, shape, _sample_dtype(d))
+  return _ancestral_chain(d, model_fn, x_t, _descending(d.num_timesteps - 1), noise_key,
+                          options)
+
+
+def p_sample_loop_progressive(
+    d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int], rng: Array, *,
+    every: int = 100, clip_denoised: bool = True, model_mean_type: str = 'eps',
+    model_var_type: str = 'fixedlarge') -> Tuple[Array, Dict[str, Array]]:
+  """Ancestral sampling that also records the chain every `every` steps.
+
+  Snapshots are taken at the timesteps t divisible by `every` (the original's
+  choice): t = T - every, T - 2 every, ..., 0, in sampling order. Each holds
+  the state x_t at that timestep and the x_0 the model predicts from it, the
+  quantities of the paper's Fig. 6. The chain and its randomness are those of
+  `p_sample_loop`, so the final sample is the same for the same rng.
+
+  Args:
+    d: the process (T steps).
+    model_fn: as in `p_sample_loop`.
+    shape: static sample shape (B, ...).
+    rng: a PRNG key.
+    every: snapshot interval; must divide T.
+    clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`.
+
+  Returns:
+    (x_0 of `shape`, {'x_t': [S, B, ...], 'pred_x0': [S, B, ...], 't': int32
+    [S]}) with S = T // every.
+  """
+  _check_diffusion(d)
+  shape = _check_shape(shape)
+  _check_rng(rng)
+  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  num_timesteps = d.num_timesteps
+  every = _check_int_range('every', every, 1, num_timesteps)
+  if num_timesteps % every:
+    divisors = [k for k in range(1, num_timesteps + 1) if num_timesteps % k == 0]
+    raise ValueError(f'every must divide T = {num_timesteps} (one of {divisors}), '
+                     f'got {every}.')
+  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
+                 model_var_type=model_var_type)
+  init_key, noise_key = jax.random.split(rng)
+  x_start = jax.random.normal(init_key, shape, _sample_dtype(d))
+  step = functools.partial(_ancestral_step, d, model_fn, noise_key, options,
+                           with_pred_x0=True)
+
+  def inner(carry, t_scalar):
+    x, _, _ = carry
+    x_prev, pred_x0 = step(x, t_scalar)
+    # Keeping this step's input and prediction in the carry leaves, at the end
+    # of a chunk, those of its last step (the snapshot) without a second,
+    # separately traced model call.
+    return (x_prev, x, pred_x0), None
+
+  def outer(x, chunk_timesteps):
+    init = (x, jnp.zeros_like(x), jnp.zeros_like(x))
+    (x_end, x_snap, pred_snap), _ = jax.lax.scan(inner, init, chunk_timesteps)
+    return x_end, (x_snap, pred_snap, chunk_timesteps[-1])
+
+  # Row s runs t = T-1-s*every down to T-(s+1)*every, a multiple of `every`.
+  chunks = _descending(num_timesteps - 1).reshape(num_timesteps // every, every)
+  x0, (xs, preds, ts) = jax.lax.scan(outer, x_start, chunks)
+  return x0, {'x_t': xs, 'pred_x0': preds, 't': ts}
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, skip: str = 'uniform') -> np.ndarray:
+  """The increasing timestep subsequence DDIM visits (the DDIM code's choices).
+
+  Args:
+    num_timesteps: T.
+    num_steps: K in [1, T].
+    skip: 'uniform': range(0, T, T // K), which has K entries when K divides
+      T (and up to 2K - 1 otherwise, as in the DDIM code); 'quad':
+      floor(linspace(0, sqrt(0.8 T), K)**2), K entries, denser near t = 0
+      (repeated entries, possible when K is close to T, are steps that leave
+      x unchanged).
+
+  Returns:
+    int64 array of timesteps, non-decreasing, in [0, T).
+  """
+  num_steps = _check_int_range('num_steps', num_steps, 1, num_timesteps)
+  if skip == 'uniform':
+    return np.arange(0, num_timesteps, num_timesteps // num_steps, dtype=np.int64)
+  if skip == 'quad':
+    return (np.linspace(0, math.sqrt(0.8 * num_timesteps), num_steps) ** 2).astype(np.int64)
+  raise ValueError(f'Unknown skip {skip!r}; valid choices: {", ".join(DDIM_SKIP_TYPES)}.')
+
+
+def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
+                     rng: Array, *, num_steps: int = 50, eta: float = 0.0,
+                     skip: str = 'uniform', clip_denoised: bool = True,
+                     model_mean_type: str = 'eps',
+                     model_var_type: str = 'fixedlarge') -> Array:
+  """DDIM sampling (Song, Meng, Ermon 2021, Eq. 12).
+
+  From x ~ N(0, I) at the largest visited timestep, each step from t to the
+  previous visited timestep s (a_s = 1 after the last, t = 0) is
+
+    x_s = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps_hat + sigma z,
+    sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s),
+
+  with a = alphas_cumprod, x0_hat the (clipped) predicted x_0 and eps_hat the
+  noise it implies. eta = 0 is deterministic; eta = 1 over all T steps is
+  ancestral DDPM with 'fixedsmall' variance. Learned-variance outputs are
+  accepted and only their mean channels are used.
+
+  Args:
+    d: the process (T steps).
+    model_fn: as in `p_sample_loop`.
+    shape: static sample shape (B, ...).
+    rng: a PRNG key.
+    num_steps: K in [1, T]; see `ddim_timesteps`.
+    eta: >= 0; the amount of fresh noise (values above 1 leave
+      1 - a_s - sigma^2 < 0 at some steps, which is clamped to 0).
+    skip: 'uniform' or 'quad' (see `ddim_timesteps`).
+    clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`.
+
+  Returns:
+    x_0 of `shape`.
+  """
+  _check_diffusion(d)
+  shape = _check_shape(shape)
+  _check_rng(rng)
+  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  eta = _check_nonnegative('eta', eta)
+  if skip not in DDIM_SKIP_TYPES:
+    raise ValueError(f'Unknown skip {skip!r}; valid choices: {", ".join(DDIM_SKIP_TYPES)}.')
+  seq = ddim_timesteps(d.num_timesteps, num_steps, skip)
+  dtype = _sample_dtype(d)
+  a_t = jnp.take(d.alphas_cumprod, seq).astype(dtype)
+  a_prev = jnp.concatenate([jnp.ones((1,), dtype), a_t[:-1]])
+  index = jnp.arange(len(seq), dtype=jnp.int32)
+  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
+                 model_var_type=model_var_type)
+  init_key, noise_key = jax.random.split(rng)
+  batch = shape[0]
+
+  def body(x, step):
+    i, t_scalar, a, a_s = step
+    t = _full(batch, t_scalar)
+    output = _call_model(d, model_fn, x, t)
+    out = diffusion_lib.p_mean_variance(d, output, x, t, **options)
+    sigma = eta * jnp.sqrt((1.0 - a_s) / (1.0 - a)) * jnp.sqrt(1.0 - a / a_s)
+    direction = jnp.sqrt(jnp.maximum(1.0 - a_s - sigma**2, 0.0))
+    noise = _step_noise(noise_key, i, x.shape, x.dtype)
+    x_s = jnp.sqrt(a_s) * out['pred_x0'] + direction * out['pred_eps'] + sigma * noise
+    return x_s.astype(x.dtype), None
+
+  x_start = jax.random.normal(init_key, shape, dtype)
+  steps = (index, jnp.asarray(seq, jnp.int32), a_t, a_prev)
+  x0, _ = jax.lax.scan(body, x_start, steps, reverse=True)
+  return x0
+
+
+def respaced_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn,
+                         shape: Sequence[int], rng: Array, *, num_steps: int,
+                         clip_denoised: bool = True, model_mean_type: str = 'eps',
+                         model_var_type: str = 'fixedlarge') -> Array:
+  """Ancestral sampling on a process respaced to `num_steps` evenly spaced steps.
+
+  Builds `diffusion.respace(d, diffusion.space_timesteps(T, num_steps))`,
+  whose alphas_cumprod at the kept timesteps are those of d and whose betas
+  (hence 'fixedlarge' / 'fixedsmall' variances) follow from them, and runs
+  `p_sample_loop` on it; the model is called with the kept timesteps of the
+  full process (improved DDPM, Sec. 4).
+
+  Args:
+    d: the full process (not itself respaced).
+    model_fn: a model trained on d, as in `p_sample_loop`.
+    shape: static sample shape (B, ...).
+    rng: a PRNG key.
+    num_steps: K in [1, T].
+    clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`.
+
+  Returns:
+    x_0 of `shape`.
+  """
+  _check_diffusion(d)
+  _check_shape(shape)
+  _check_rng(rng)
+  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  num_steps = _check_int_range('num_steps', num_steps, 1, d.num_timesteps)
+  # The tables are rebuilt from d's (static) schedule spec, so this also works
+  # when d itself is a traced jit argument.
+  respaced = diffusion_lib.respace(d, diffusion_lib.space_timesteps(d.num_timesteps, num_steps))
+  return p_sample_loop(respaced, model_fn, shape, rng, clip_denoised=clip_denoised,
+                       model_mean_type=model_mean_type, model_var_type=model_var_type)
+
+
+def interpolate(d: diffusion_lib.Diffusion, model_fn: ModelFn, x0_a: Array, x0_b: Array,
+                rng: Array, *, t: int, lam: Union[float, Array], clip_denoised: bool = True,
+                model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge') -> Array:
+  """Interpolates two batches of data in the latent x_t (the paper's Sec. 4.3).
+
+  Both are encoded with q(x_t | x_0) using the same noise, mixed as
+  (1 - lam) x_t^a + lam x_t^b, and decoded with the reverse process from t
+  down to 0. Every lam uses the same encoding and decoding noise, so the
+  outputs differ only through the mixing. Larger t gives coarser, more
+  varied interpolants; t = 0 decodes once, to the posterior mean of the
+  predicted x_0.
+
+  Args:
+    d: the process (T steps).
+    model_fn: as in `p_sample_loop`.
+    x0_a: data [B, ...] in [-1, 1].
+    x0_b: data of the same shape.
+    rng: a PRNG key.
+    t: static int in [0, T), the latent's timestep.
+    lam: the mixing weight: a scalar, or an array [L] of them.
+    clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`.
+
+  Returns:
+    [B, ...] for a scalar lam, [L, B, ...] for lam of shape [L]; in the dtype
+    of the diffusion tables.
+  """
+  _check_diffusion(d)
+  _check_rng(rng)
+  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  shape_a, shape_b = tuple(jnp.shape(x0_a)), tuple(jnp.shape(x0_b))
+  if shape_a != shape_b or len(shape_a) < 2:
+    raise ValueError(f'x0_a and x0_b must have the same shape [B, ...] with at least 2 '
+                     f'dims, got {shape_a} and {shape_b}.')
+  t = _check_int_range('t', t, 0, d.num_timesteps - 1)
+  if jnp.ndim(lam) not in (0, 1):
+    raise ValueError(f'lam must be a scalar or a 1-D array [L], got shape {jnp.shape(lam)}.')
+  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
+                 model_var_type=model_var_type)
+  dtype = _sample_dtype(d)
+  x0_a, x0_b = jnp.asarray(x0_a, dtype), jnp.asarray(x0_b, dtype)
+  encode_key, noise_key = jax.random.split(rng)
+  noise = jax.random.normal(encode_key, shape_a, dtype)
+  t_vec = _full(shape_a[0], t)
+  x_t_a = diffusion_lib.q_sample(d, x0_a, t_vec, noise)
+  x_t_b = diffusion_lib.q_sample(d, x0_b, t_vec, noise)
+
+  def decode(weight):
+    weight = jnp.asarray(weight, dtype)
+    x_t = (1.0 - weight) * x_t_a + weight * x_t_b
+    return _ancestral_chain(d, model_fn, x_t, _descending(t), noise_key, options)
+
+  if jnp.ndim(lam) == 0:
+    return decode(lam)
+  return jax.vmap(decode)(jnp.asarray(lam))
+
+
+def pc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
+                   rng: Array, *, corrector_steps: int = 1, snr: float = 0.16,
+                   clip_denoised: bool = True, model_mean_type: str = 'eps',
+                   model_var_type: str = 'fixedlarge') -> Array:
+  """Predictor-corrector sampling for the VP process (score SDE, Song et al. 2021).
+
+  At each t = T-1 .. 0, `corrector_steps` Langevin steps targeting q(x_t),
+
+    x <- x + e s + sqrt(2 e) z,  e = 2 alpha_t (snr ||z|| / ||s||)^2,
+
+  with s = -eps_hat / sqrt(1 - alphas_cumprod_t) the model's score,
+  alpha_t = 1 - beta_t and norms taken per example over all its dimensions
+  (so one example's step does not depend on the rest of the batch), are
+  followed by one ancestral step (the predictor, as in `p_sample_loop`). The
+  score uses the model's unclipped noise prediction: Langevin dynamics needs
+  the score of the noisy marginal, which clipping x_0 would bias.
+
+  All T * (corrector_steps + 1) model evaluations run in one scan whose body
+  calls the model once and then applies the corrector or the predictor update.
+
+  Args:
+    d: the process (T steps).
+    model_fn: as in `p_sample_loop`.
+    shape: static sample shape (B, ...).
+    rng: a PRNG key.
+    corrector_steps: Langevin steps per timestep, >= 0 (0 is `p_sample_loop`
+      with a different noise stream).
+    snr: the signal-to-noise ratio setting the Langevin step size, >= 0.
+    clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`
+      (for the predictor).
+
+  Returns:
+    x_0 of `shape`.
+  """
+  _check_diffusion(d)
+  shape = _check_shape(shape)
+  _check_rng(rng)
+  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  if not _is_int(corrector_steps) or corrector_steps < 0:
+    raise ValueError(f'corrector_steps must be an integer >= 0, got {corrector_steps!r}.')
+  corrector_steps = int(corrector_steps)
+  snr = _check_nonnegative('snr', snr)
+  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
+                 model_var_type=model_var_type)
+  evals_per_t = corrector_steps + 1
+  init_key, noise_key = jax.random.split(rng)
+  batch = shape[0]
+  axes = tuple(range(1, len(shape)))
+
+  def body(x, k):
+    t_scalar = d.num_timesteps - 1 - k // evals_per_t
+    t = _full(batch, t_scalar)
+    output = _call_model(d, model_fn, x, t)
+    noise = _step_noise(noise_key, k, x.shape, x.dtype)
+
+    if model_mean_type == 'eps':
+      eps = diffusion_lib.split_model_output(output, x, model_var_type)[0]
+    else:
+      eps = diffusion_lib.p_mean_variance(d, output, x, t, model_mean_type=model_mean_type,
+                                          model_var_type=model_var_type,
+                                          clip_denoised=False)['pred_eps']
+    score = diffusion_lib.score_from_eps(d, eps, t)
+    score_norm = jnp.sqrt(jnp.sum(jnp.square(score), axis=axes, keepdims=True))
+    noise_norm = jnp.sqrt(jnp.sum(jnp.square(noise), axis=axes, keepdims=True))
+    alpha = 1.0 - jnp.take(d.betas, t_scalar).astype(x.dtype)
+    # A zero score (no information) gets no step rather than an infinite one;
+    # the inner where keeps the unused branch (and its gradient) finite.
+    has_score = score_norm > 0
+    ratio = jnp.where(has_score, snr * noise_norm / jnp.where(has_score, score_norm, 1.0), 0.0)
+    step_size = 2.0 * alpha * jnp.square(ratio)
+    x_corrected = x + step_size * score + jnp.sqrt(2.0 * step_size) * noise
+
+    x_predicted = diffusion_lib.p_sample(d, output, x, t, noise, **options)
+    is_corrector = (k % evals_per_t) < corrector_steps
+    return jnp.where(is_corrector, x_corrected, x_predicted).astype(x.dtype), None
+
+  x_start = jax.random.normal(init_key, shape, _sample_dtype(d))
+  evaluations = jnp.arange(d.num_timesteps * evals_per_t, dtype=jnp.int32)
+  x0, _ = jax.lax.scan(body, x_start, evaluations)
+  return x0
