@@ -1,0 +1,295 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B) in Flax Linen.
+
+The network follows the original TF code (`diffusion_tf/models/unet.py`):
+a PixelCNN++-style U-Net with pre-activation residual blocks that add a
+projected sinusoidal timestep embedding, single-head self-attention at chosen
+spatial resolutions (plus one in the middle), GroupNorm with 32 groups, and
+"zero" (scale 1e-10) initialisation of the last layer of every residual
+branch and of the output convolution, so a fresh model predicts ~0.
+
+Tensors are NHWC. Parameter names are this project's own; see
+`ddpm_jax.models.diffusers_import` for the mapping to diffusers'
+`UNet2DModel`, whose DDPM layout computes exactly the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Number of GroupNorm groups and epsilon used everywhere in the original.
+NUM_GROUPS = 32
+NORM_EPS = 1e-6
+
+# TF's `variance_scaling_initializer(scale, mode='fan_avg',
+# distribution='uniform')`, as in the original `default_init`. The original
+# "zero" init is the same with scale 1e-10 (not exactly zero, which keeps the
+# fan computation and the weights' signs random).
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zero_init = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")
+
+Dtype = Any
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal timestep embedding of the original DDPM code.
+
+  With half = dim // 2 the frequencies are
+  freq_k = exp(-ln(10000) * k / (half - 1)), k = 0..half-1, and the
+  embedding is [sin(t * freq), cos(t * freq)] (sines first).
+
+  Args:
+    t: timesteps, shape [B], any integer or float dtype.
+    dim: embedding width; must be even and at least 4.
+
+  Returns:
+    float32 array of shape [B, dim].
+  """
+  if dim % 2 or dim < 4:
+    raise ValueError(f"timestep embedding width must be even and >= 4, got {dim}")
+  half = dim // 2
+  freqs = jnp.exp(
+      -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def _group_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(
+      num_groups=NUM_GROUPS,
+      epsilon=NORM_EPS,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name)
+
+
+def _conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str,
+             kernel_init=default_init, strides: int = 1,
+             padding: Any = ((1, 1), (1, 1))) -> nn.Conv:
+  return nn.Conv(
+      features,
+      kernel_size=(3, 3),
+      strides=(strides, strides),
+      padding=padding,
+      kernel_init=kernel_init,
+      bias_init=nn.initializers.zeros,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name)
+
+
+def _dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str,
+           kernel_init=default_init) -> nn.Dense:
+  return nn.Dense(
+      features,
+      kernel_init=kernel_init,
+      bias_init=nn.initializers.zeros,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name)
+
+
+class ResBlock(nn.Module):
+  """Pre-activation residual block with an additive timestep embedding.
+
+  GN -> swish -> conv3x3 -> (+ Dense(swish(temb))) -> GN -> swish -> dropout
+  -> conv3x3 (zero init); a 1x1 (NIN) projection on the shortcut when the
+  channel count changes.
+  """
+  out_ch: int
+  dropout: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C_in] activations.
+      temb: [B, T] timestep embedding (before the block's swish).
+      train: enables dropout (needs the 'dropout' rng).
+
+    Returns:
+      [B, H, W, out_ch] activations.
+    """
+    dt, pdt = self.dtype, self.param_dtype
+    h = nn.swish(_group_norm(dt, pdt, "norm1")(x))
+    h = _conv3x3(self.out_ch, dt, pdt, "conv1")(h)
+    h = h + _dense(self.out_ch, dt, pdt, "temb_proj")(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(_group_norm(dt, pdt, "norm2")(h))
+    h = nn.Dropout(rate=self.dropout)(h, deterministic=not train)
+    h = _conv3x3(self.out_ch, dt, pdt, "conv2", kernel_init=zero_init)(h)
+    if x.shape[-1] != self.out_ch:
+      # A 1x1 convolution is a Dense over the channel axis; as a Dense it is
+      # one plain matmul on CPU.
+      x = _dense(self.out_ch, dt, pdt, "nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all H*W positions, with a residual.
+
+  GN -> q, k, v (1x1, C channels) -> softmax(q k^T / sqrt(C)) v -> 1x1
+  projection (zero init) -> + x.
+  """
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C] activations.
+
+    Returns:
+      [B, H, W, C] activations.
+    """
+    dt, pdt = self.dtype, self.param_dtype
+    b, height, width, c = x.shape
+    h = _group_norm(dt, pdt, "norm")(x).reshape(b, height * width, c)
+    q = _dense(c, dt, pdt, "q")(h)
+    k = _dense(c, dt, pdt, "k")(h)
+    v = _dense(c, dt, pdt, "v")(h)
+    # Scaling q (N*C values) is cheaper than scaling the N*N logits.
+    q = q * jnp.asarray(c**-0.5, q.dtype)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k)
+    # Softmax in float32 even under bf16 compute, for stable normalisation.
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum("bqk,bkc->bqc", weights, v)
+    h = _dense(c, dt, pdt, "proj_out", kernel_init=zero_init)(h)
+    return x + h.reshape(b, height, width, c)
+
+
+def upsample_nearest2x(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling, [B, H, W, C] -> [B, 2H, 2W, C]."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class UNet(nn.Module):
+  """The DDPM noise-prediction U-Net.
+
+  Attributes:
+    ch: base channel count; level i has ch * ch_mult[i] channels.
+    ch_mult: channel multiplier per resolution level; the image is halved
+      len(ch_mult) - 1 times.
+    num_res_blocks: residual blocks per level on the way down (the way up
+      has one more per level, each taking a skip connection).
+    attn_resolutions: spatial sizes (H) at which self-attention follows
+      every residual block.
+    dropout: dropout rate inside the residual blocks (active with
+      train=True; needs the 'dropout' rng).
+    out_ch: output channels (3 for eps, 6 for eps plus learned variance).
+    resamp_with_conv: downsample with a stride-2 conv3x3 and follow the
+      nearest upsample with a conv3x3; otherwise 2x2 average pooling and plain
+      nearest upsampling.
+    dtype: compute dtype (float32, or bfloat16 on accelerators). The output
+      is always float32.
+    param_dtype: parameter dtype.
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.1
+  out_ch: int = 3
+  resamp_with_conv: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _check_shapes(self, x: jax.Array, t: jax.Array) -> None:
+    if x.ndim != 4:
+      raise ValueError(f"UNet expects NHWC images [B, H, W, C], got shape {x.shape}")
+    _, height, width, _ = x.shape
+    factor = 2**(len(self.ch_mult) - 1)
+    if height % factor or width % factor:
+      raise ValueError(
+          f"image size {height}x{width} must be divisible by {factor} "
+          f"(2**(len(ch_mult)-1) with ch_mult={tuple(self.ch_mult)})")
+    if self.attn_resolutions and height != width:
+      raise ValueError(
+          f"image must be square when attn_resolutions is set (attention "
+          f"resolutions are side lengths), got {height}x{width}")
+    bad = sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % NUM_GROUPS})
+    if bad:
+      raise ValueError(
+          f"channel counts {bad} (ch={self.ch} x ch_mult={tuple(self.ch_mult)}) "
+          f"are not divisible by the {NUM_GROUPS} GroupNorm groups")
+    if t.shape != (x.shape[0],):
+      raise ValueError(f"t must have shape [B] = ({x.shape[0]},), got {t.shape}")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
+    """Predicts the noise (or other target) for a batch of noisy images.
+
+    Args:
+      x: noisy images, float array of shape [B, H, W, C] (NHWC); H and W
+        divisible by 2**(len(ch_mult) - 1).
+      t: integer timesteps, shape [B] (0-indexed, as in the original code).
+      train: enables dropout (needs the 'dropout' rng).
+
+    Returns:
+      float32 array of shape [B, H, W, out_ch].
+
+    Raises:
+      ValueError: at trace time, for a bad image size or channel count.
+    """
+    t = jnp.asarray(t)
+    self._check_shapes(x, t)
+    dt, pdt = self.dtype, self.param_dtype
+    num_levels = len(self.ch_mult)
+    attn_res = frozenset(self.attn_resolutions)
+
+    def res_block(out_ch: int, name: str):
+      return ResBlock(out_ch, self.dropout, dtype=dt, param_dtype=pdt, name=name)
+
+    temb = timestep_embedding(t, self.ch)
+    temb = _dense(4 * self.ch, dt, pdt, "temb_dense0")(temb)
+    temb = _dense(4 * self.ch, dt, pdt, "temb_dense1")(nn.swish(temb))
+
+    hs = [_conv3x3(self.ch, dt, pdt, "conv_in")(x)]
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = res_block(self.ch * mult, f"down_{level}_block_{i}")(hs[-1], temb, train=train)
+        if h.shape[1] in attn_res:
+          h = AttnBlock(dtype=dt, param_dtype=pdt, name=f"down_{level}_attn_{i}")(h)
+        hs.append(h)
+      if level != num_levels - 1:
+        h = hs[-1]
+        if self.resamp_with_conv:
+          # Pad one row/column at the bottom/right only: TF's stride-2 'SAME'
+          # on even sizes, and diffusers' Downsample2D with padding=0.
+          h = _conv3x3(h.shape[-1], dt, pdt, f"down_{level}_downsample", strides=2,
+                       padding=((0, 1), (0, 1)))(h)
+        else:
+          h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+        hs.append(h)
+
+    h = hs[-1]
+    mid_ch = h.shape[-1]
+    h = res_block(mid_ch, "mid_block_1")(h, temb, train=train)
+    h = AttnBlock(dtype=dt, param_dtype=pdt, name="mid_attn_1")(h)
+    h = res_block(mid_ch, "mid_block_2")(h, temb, train=train)
+
+    for level in reversed(range(num_levels)):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
+        h = res_block(self.ch * self.ch_mult[level], f"up_{level}_block_{i}")(h, temb, train=train)
+        if h.shape[1] in attn_res:
+          h = AttnBlock(dtype=dt, param_dtype=pdt, name=f"up_{level}_attn_{i}")(h)
+      if level != 0:
+        h = upsample_nearest2x(h)
+        if self.resamp_with_conv:
+          h = _conv3x3(h.shape[-1], dt, pdt, f"up_{level}_upsample")(h)
+    assert not hs, "every skip connection must be consumed"
+
+    h = nn.swish(_group_norm(dt, pdt, "norm_out")(h))
+    h = _conv3x3(self.out_ch, dt, pdt, "conv_out", kernel_init=zero_init)(h)
+    return h.astype(jnp.float32)
