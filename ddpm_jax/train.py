@@ -169,7 +169,7 @@ def _train(config, workdir, mesh, preemption, is_chief) -> Dict[str, float]:
   else:
     init = jax.jit(functools.partial(train_state_lib.create_train_state, model, config,
                                      image_shape=image_shape),
-                   out_shardings=jax.tree.map(lambda x: x.sharding, abstract))
+                   out_shardings=sharding_lib.replicated(mesh))
     state = init(jax.random.fold_in(jax.random.key(config.seed), _INIT_KEY))
     start_step = 0
     if is_chief:
@@ -180,7 +180,8 @@ def _train(config, workdir, mesh, preemption, is_chief) -> Dict[str, float]:
 
   k = tc.steps_per_call
   seed_key = jax.random.key(config.seed)
-  state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
+  # From the state itself: its static parts (apply_fn, tx) must match exactly.
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
   train_fn = jax.jit(
       functools.partial(train_state_lib.train_steps, diffusion=d, config=config),
       in_shardings=(state_sharding, sharding_lib.batch_sharded(mesh, 1),

@@ -76,12 +76,9 @@ def create_train_state(model: nn.Module, config: ml_collections.ConfigDict, rng:
   params = model.init({'params': rng}, x, t, train=False)['params']
   return TrainState.create(
       apply_fn=model.apply, params=params, tx=make_optimizer(config.optim),
-      ema_params=params, nonfinite_in_a_row=jnp.zeros((), jnp.int32))
-
-
-def _all_finite(tree: Any) -> Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves))
+      # A copy, not an alias: the loop donates the state, and a buffer donated
+      # twice is an error.
+      ema_params=jax.tree.map(jnp.copy, params), nonfinite_in_a_row=jnp.zeros((), jnp.int32))
 
 
 def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
@@ -122,21 +119,24 @@ def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
     return jnp.mean(losses)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & _all_finite(grads)
+  grad_norm = optax.tree.norm(grads)
+  # A NaN or Inf anywhere in the gradient makes its norm non-finite.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  updated = state.apply_gradients(grads=grads)
-  decay = ema_decay_at(state.step, config.optim)
-  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                            state.ema_params, updated.params)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  def apply_update():
+    updated = state.apply_gradients(grads=grads)
+    decay = ema_decay_at(state.step, config.optim)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                              state.ema_params, updated.params)
+    return updated.params, updated.opt_state, ema_params
+
+  # lax.cond rather than a per-leaf jnp.where: XLA would copy the `finite`
+  # computation into every leaf's fusion, which made compiling very slow.
+  params, opt_state, ema_params = jax.lax.cond(
+      finite, apply_update, lambda: (state.params, state.opt_state, state.ema_params))
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(updated.params, state.params),
-      opt_state=keep(updated.opt_state, state.opt_state),
-      ema_params=keep(ema_params, state.ema_params),
-      nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
-  )
+      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
+      nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
   metrics = dict(loss=loss, grad_norm=grad_norm,
                  learning_rate=learning_rate_schedule(config.optim)(state.step),
                  finite=finite.astype(jnp.float32))
