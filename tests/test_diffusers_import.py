@@ -16,15 +16,9 @@ import pytest
 from safetensors.numpy import load_file
 import torch
 
-try:
-  import torchvision  # noqa: F401  pylint: disable=unused-import
-except Exception:  # pylint: disable=broad-except
-  # diffusers imports torchvision whenever it is installed, and a torchvision
-  # wheel built for another torch variant (e.g. CUDA next to the CPU torch)
-  # fails at import. UNet2DModel never uses it, so tell diffusers it is absent.
-  import diffusers.utils.import_utils as _diffusers_import_utils
-  _diffusers_import_utils._torchvision_available = False  # pylint: disable=protected-access
+from torch_peers import import_torchvision
 
+import_torchvision()  # diffusers imports it when installed.
 from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
 
 from ddpm_jax.models.diffusers_import import (SAFETENSORS_NAME, convert_diffusers_state_dict,
