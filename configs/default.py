@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.batch_size = 256
   sampling.grid_sampler = 'ddim'  # Sampler of the periodic training grids (cheap).
   sampling.grid_num_steps = 50
+  sampling.figures = True  # --mode=sample also draws the progressive and interpolation figures.
 
   # Evaluation (--mode=eval).
   config.eval = evaluation = ml_collections.ConfigDict()
@@ -94,5 +95,6 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_fid_samples = 50_000
   evaluation.feature_extractor = 'inception'  # 'inception' | 'domain'.
   evaluation.inception_weights = config_dict.placeholder(str)  # Local pytorch-fid .pth file.
+  evaluation.domain_classifier_steps = 2000  # Training steps of the 'domain' feature extractor.
 
   return config

@@ -33,4 +33,6 @@ def get_config():
   config.eval.batch_size = 4
   config.eval.num_bpd_examples = 4
   config.eval.num_fid_samples = 8
+  config.eval.domain_classifier_steps = 20
+  config.sampling.figures = False
   return config

@@ -5,7 +5,6 @@ consecutive skipped (non-finite) steps. `train_step` is a pure function of
 (state, batch, rng); the loop in `ddpm_jax/train.py` jits it over the mesh.
 """
 
-import functools
 from typing import Any, Dict, Tuple
 
 import flax.linen as nn
@@ -146,10 +145,16 @@ def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
 def train_steps(state: TrainState, batches: Dict[str, Array], seed_key: Array, *,
                 diffusion: diffusion_lib.Diffusion,
                 config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, Array]]:
-  """K steps in one call: a `lax.scan` of `train_step` over a stack of batches.
+  """K steps in one call, over a stack of K batches.
 
   Step s uses the key fold_in(seed_key, s), so a run's randomness depends
   only on the seed and the step, not on K or on where it was resumed.
+
+  The K steps are unrolled at trace time rather than run by `lax.scan`:
+  XLA:CPU ran a training step inside a while loop about 100x slower, and
+  compiled it 7x slower, than the same step in straight-line code (measured
+  on this project's CPU machines; a scanned forward pass is not affected).
+  K is small, so the unrolled program stays small.
 
   Args:
     state: the current state.
@@ -160,9 +165,11 @@ def train_steps(state: TrainState, batches: Dict[str, Array], seed_key: Array, *
   Returns:
     (new state, metrics) with each metric stacked to shape [K].
   """
-  step_fn = functools.partial(train_step, diffusion=diffusion, config=config)
-
-  def body(state, batch):
-    return step_fn(state, batch, jax.random.fold_in(seed_key, state.step))
-
-  return jax.lax.scan(body, state, batches)
+  num_steps = batches['image'].shape[0]
+  all_metrics = []
+  for i in range(num_steps):
+    batch = jax.tree.map(lambda x, i=i: x[i], batches)
+    state, metrics = train_step(state, batch, jax.random.fold_in(seed_key, state.step),
+                                diffusion=diffusion, config=config)
+    all_metrics.append(metrics)
+  return state, jax.tree.map(lambda *xs: jnp.stack(xs), *all_metrics)
