@@ -34,7 +34,7 @@ def get_config():
   config.optim.ema_warmup = True
 
   config.training.batch_size = 64
-  config.training.num_train_steps = 1500
+  config.training.num_train_steps = 1000
   config.training.log_every_steps = 50
   config.training.checkpoint_every_steps = 250
   config.training.sample_every_steps = 500

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what ddpm-jax needs on a fresh Debian/Ubuntu machine with Python 3.11:
+# Debian's Fashion-MNIST package (the embedded default dataset) and a virtual
+# environment in .venv with the pinned requirements. Safe to re-run.
+#
+#   scripts/setup.sh          # runtime
+#   scripts/setup.sh --peers  # plus the test/benchmark peers (torch CPU, diffusers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  echo "==> Installing Debian's dataset-fashion-mnist"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> Creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+echo "==> Installing requirements.txt"
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt
+if [ "${1:-}" = "--peers" ]; then
+  echo "==> Installing requirements-peers.txt (test and benchmark peers)"
+  .venv/bin/python -m pip install -q -r requirements-peers.txt
+fi
