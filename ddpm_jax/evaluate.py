@@ -1,0 +1,252 @@
+"""`--mode=eval`: bits/dim through the full bound, and sample-quality metrics.
+
+Both parts are resumable: every finished batch (of the bound, or of
+samples) is written to the workdir at once and skipped after a restart, and
+every key is fold_in(seed key, batch index), so an interrupted evaluation
+ends with the same numbers as an uninterrupted one.
+
+Results go to `DIR/eval/step_<step>.json` and TensorBoard, with the paper's
+rate-distortion plot (Fig. 5) as `DIR/eval/rate_distortion_step_<step>.png`.
+"""
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from ddpm_jax import generate
+from ddpm_jax import input_pipeline
+from ddpm_jax import likelihood
+from ddpm_jax import sample as sample_lib
+from ddpm_jax import sharding as sharding_lib
+from ddpm_jax.metrics import domain_classifier
+from ddpm_jax.metrics import frechet
+
+_BPD_KEY = 2**31 - 5
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Runs `--mode=eval` on the newest checkpoint; returns the results dict."""
+  im = sample_lib.load_inference_model(config, workdir)
+  eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
+  os.makedirs(eval_dir, exist_ok=True)
+  results: Dict[str, Any] = {'step': im.step, 'dataset': config.data.dataset}
+  results['bpd'] = evaluate_bpd(config, im, eval_dir)
+  results['sample_quality'] = evaluate_sample_quality(config, im, workdir)
+  if jax.process_index() == 0:
+    path = os.path.join(eval_dir, f'step_{im.step}.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=2)
+    os.replace(path + '.tmp', path)
+    writer = metric_writers.create_default_writer(eval_dir)
+    scalars = {f'bpd/{k}': v for k, v in results['bpd'].items() if isinstance(v, float)}
+    scalars.update({f'quality/{k}': v for k, v in results['sample_quality'].items()
+                    if isinstance(v, float)})
+    writer.write_scalars(im.step, scalars)
+    writer.close()
+    logging.info('Evaluation of step %d written to %s:\n%s', im.step, path,
+                 json.dumps(results, indent=2))
+  return results
+
+
+# ---------------------------------------------------------------------------
+# Negative log-likelihood.
+
+
+def evaluate_bpd(config: ml_collections.ConfigDict, im: sample_lib.InferenceModel,
+                 eval_dir: str) -> Dict[str, Any]:
+  """The variational bound on the eval split, in bits/dim, with its breakdown.
+
+  Returns:
+    dict with 'total_bpd' (the bound), 'prior_bpd' (L_T), 'sum_Lt_bpd'
+    (sum of L_{t-1} for t > 1), 'L0_bpd' (the decoder term), 'num_examples',
+    'split', and 'rate_distortion_png'.
+  """
+  ec = config.eval
+  batch_dir = os.path.join(eval_dir, f'bpd_step_{im.step}_seed{config.seed}')
+  os.makedirs(batch_dir, exist_ok=True)
+  mesh = im.mesh
+  model_fn = generate.make_model_fn(im.model, im.ema_params, mesh)
+  bpd_fn = jax.jit(
+      lambda x0, key: likelihood.calc_bpd_loop(
+          im.diffusion, model_fn, x0, key, clip_denoised=config.sampling.clip_denoised,
+          model_mean_type=config.diffusion.model_mean_type,
+          model_var_type=config.diffusion.model_var_type),
+      in_shardings=(sharding_lib.batch_sharded(mesh), sharding_lib.replicated(mesh)),
+      out_shardings=sharding_lib.batch_sharded(mesh))
+  base_key = jax.random.fold_in(jax.random.key(config.seed), _BPD_KEY)
+  dataset = input_pipeline.make_eval_dataset(config, batch_size=ec.batch_size,
+                                             split=config.data.eval_split)
+  num_batches = min(len(dataset), -(-ec.num_bpd_examples // ec.batch_size))
+  start, done_now, seen = time.time(), 0, 0
+  for index, batch in enumerate(dataset):
+    if index >= num_batches:
+      break
+    path = os.path.join(batch_dir, f'batch_{index:05d}.npz')
+    local_mask = np.asarray(batch['mask'])
+    if os.path.exists(path):
+      continue  # Done before an interruption.
+    images = sharding_lib.host_to_global({'image': batch['image']}, mesh)['image']
+    out = bpd_fn(images, jax.random.fold_in(base_key, index))
+    out = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                       out)
+    mask = np.asarray(multihost_utils.process_allgather(local_mask, tiled=True))
+    if jax.process_index() == 0:
+      tmp = path + '.tmp.npz'
+      np.savez(tmp, mask=mask, **out)
+      os.replace(tmp, path)
+    done_now += 1
+    rate = done_now / (time.time() - start)
+    logging.info('bits/dim batch %d/%d: %.4f (%.3f batches/s, ETA %.0f s)', index + 1,
+                 num_batches, float(np.sum(out['total_bpd'] * mask) / max(mask.sum(), 1)),
+                 rate, (num_batches - index - 1) / max(rate, 1e-9))
+  multihost_utils.sync_global_devices('bpd batches written')
+
+  parts = [np.load(os.path.join(batch_dir, f'batch_{i:05d}.npz')) for i in range(num_batches)]
+  mask = np.concatenate([p['mask'] for p in parts]).astype(bool)
+  # Keep exactly the first num_bpd_examples real examples.
+  keep = mask & (np.cumsum(mask) <= ec.num_bpd_examples)
+  terms = np.concatenate([p['terms_bpd'] for p in parts])[keep]
+  prior = np.concatenate([p['prior_bpd'] for p in parts])[keep]
+  mse = np.concatenate([p['mse'] for p in parts])[keep]
+  total = np.concatenate([p['total_bpd'] for p in parts])[keep]
+  png = os.path.join(eval_dir, f'rate_distortion_step_{im.step}.png')
+  if jax.process_index() == 0:
+    plot_rate_distortion(terms, prior, mse, png)
+  return dict(
+      split=config.data.eval_split, num_examples=int(keep.sum()),
+      total_bpd=float(total.mean()), prior_bpd=float(prior.mean()),
+      sum_Lt_bpd=float(terms[:, 1:].sum(axis=1).mean()), L0_bpd=float(terms[:, 0].mean()),
+      total_bpd_stderr=float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1 else 0.0,
+      rate_distortion_png=png)
+
+
+def rate_distortion(terms_bpd: np.ndarray, prior_bpd: np.ndarray,
+                    mse: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """The paper's rate and distortion as functions of the reverse-process step.
+
+  Args:
+    terms_bpd: [N, T] bound terms (index t = term of timestep t).
+    prior_bpd: [N] L_T.
+    mse: [N, T] squared error of the predicted x0 on the [-1, 1] scale.
+
+  Returns:
+    (rate [T], distortion [T]): rate[t] is the bits/dim received once the
+    reverse process reaches timestep t (L_T plus the terms T-1..t);
+    distortion[t] is the RMSE of the x0 predicted at t, on the [0, 255] scale.
+  """
+  per_t = terms_bpd.mean(axis=0)
+  rate = prior_bpd.mean() + np.cumsum(per_t[::-1])[::-1]
+  distortion = np.sqrt(mse.mean(axis=0)) * 127.5
+  return rate, distortion
+
+
+def plot_rate_distortion(terms_bpd, prior_bpd, mse, path: str) -> None:
+  """Writes the three panels of the paper's Fig. 5 as one PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rate, distortion = rate_distortion(terms_bpd, prior_bpd, mse)
+  steps = np.arange(len(rate))
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  axes[0].plot(steps, distortion)
+  axes[0].set(xlabel='reverse process step t', ylabel='distortion (RMSE, [0, 255])')
+  axes[1].plot(steps, rate)
+  axes[1].set(xlabel='reverse process step t', ylabel='rate (bits/dim)')
+  axes[2].plot(rate, distortion)
+  axes[2].set(xlabel='rate (bits/dim)', ylabel='distortion (RMSE, [0, 255])')
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path + '.tmp.png', dpi=100)
+  plt.close(fig)
+  os.replace(path + '.tmp.png', path)
+
+
+# ---------------------------------------------------------------------------
+# Sample quality.
+
+
+def _split_with_labels(config: ml_collections.ConfigDict, split: str):
+  """uint8 images at the model's resolution and their labels, for one split."""
+  builder = input_pipeline.get_builder(config.data)
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  resize = functools.partial(input_pipeline.resize_image, data_config=config.data)
+  ds = ds.map(lambda ex: (resize(ex['image']), ex['label'])).batch(1000)
+  images, labels = zip(*tfds.as_numpy(ds))
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def _feature_extractor(config: ml_collections.ConfigDict, im: sample_lib.InferenceModel,
+                       eval_dir: str):
+  """(label, extract_fn(uint8 images) -> (features, logits), metadata)."""
+  name = config.eval.feature_extractor
+  if name == 'domain':
+    images, labels = _split_with_labels(config, config.data.train_split)
+    test_images, test_labels = _split_with_labels(config, config.data.eval_split)
+    params, info = domain_classifier.load_or_train_domain_classifier(
+        os.path.join(eval_dir, 'domain_classifier'), images, labels,
+        steps=config.eval.domain_classifier_steps, batch_size=min(128, len(images)),
+        eval_images=test_images, eval_labels=test_labels)
+    extractor = domain_classifier.DomainFeatureExtractor(params, mesh=im.mesh)
+    meta = {'feature_extractor': 'domain classifier (penultimate, 256-d)',
+            'classifier_test_accuracy': info.get('accuracy'),
+            'comparable_with_inception_fid': False}
+    return domain_classifier.FD_LABEL, extractor, meta
+  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  extractor = inception.InceptionFeatureExtractor.from_config(config.eval, mesh=im.mesh)
+  meta = {'feature_extractor': 'Inception-v3 pool3 (pytorch-fid weights)',
+          'resize': extractor.resize_description, 'comparable_with_inception_fid': True}
+  return 'FID', extractor, meta
+
+
+def _reference_statistics(config, split, extractor, eval_dir, tag):
+  path = os.path.join(eval_dir, f'reference_{tag}_{split}.npz')
+  if os.path.exists(path):
+    return frechet.load_statistics(path)
+  images = input_pipeline.load_split_as_uint8(config, split)
+  features, _ = extractor(images)
+  mu, sigma = frechet.feature_statistics(features)
+  if jax.process_index() == 0:
+    frechet.save_statistics(path, mu, sigma)
+  return mu, sigma
+
+
+def evaluate_sample_quality(config: ml_collections.ConfigDict, im: sample_lib.InferenceModel,
+                            workdir: str) -> Dict[str, Any]:
+  """Frechet distance to the train and eval splits, KID and Inception-style score."""
+  eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
+  label, extractor, meta = _feature_extractor(config, im, eval_dir)
+  name = sample_lib.sampler_name(config, im.step)
+  samples = sample_lib.generate_samples(
+      config, im, config.eval.num_fid_samples,
+      os.path.join(os.path.abspath(workdir), 'samples', name))
+  features, logits = extractor(samples)
+  mu, sigma = frechet.feature_statistics(features)
+  tag = config.eval.feature_extractor
+  results: Dict[str, Any] = dict(meta, metric=label, num_samples=len(samples), sampler=name,
+                                 quantization='uint8, round((x + 1) * 127.5)')
+  for split in (config.data.train_split, config.data.eval_split):
+    ref_mu, ref_sigma = _reference_statistics(config, split, extractor, eval_dir, tag)
+    results[f'fd_vs_{split}'] = float(frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma))
+  train_images = input_pipeline.load_split_as_uint8(config, config.data.train_split,
+                                                    limit=len(samples))
+  train_features, _ = extractor(train_images)
+  subset = min(1000, len(samples), len(train_features))
+  kid_mean, kid_std = frechet.kernel_inception_distance(
+      features, train_features, num_subsets=100, subset_size=subset,
+      rng=np.random.default_rng(config.seed))
+  results['kid_vs_train'], results['kid_vs_train_std'] = float(kid_mean), float(kid_std)
+  score_mean, score_std = frechet.inception_score(logits, num_splits=min(10, len(logits)))
+  results['classifier_score' if tag == 'domain' else 'inception_score'] = float(score_mean)
+  results['classifier_score_std' if tag == 'domain' else 'inception_score_std'] = float(score_std)
+  return results

@@ -1,0 +1,135 @@
+"""--mode=sample and --mode=eval on a tiny trained model: outputs, determinism, resume."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpointing
+from ddpm_jax import evaluate
+from ddpm_jax import sample
+from ddpm_jax import train
+from test_train import make_config, write_fake_fashion_mnist
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A workdir with a 2-step tiny checkpoint, and its config."""
+  root = tmp_path_factory.mktemp('sample_eval')
+  write_fake_fashion_mnist(str(root / 'idx'))
+  config = make_config((str(root / 'idx'), str(root / 'tfds')), num_train_steps=2,
+                       sample_every_steps=0)
+  workdir = str(root / 'run')
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def _copy_workdir(workdir, tmp_path):
+  """A private copy, so tests that write samples do not see each other's files."""
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('samples', 'eval', '.train.lock'))
+  return copy
+
+
+def test_sample_writes_uint8_npz_and_grid_deterministically(trained, tmp_path):
+  config, workdir = trained
+  workdir = _copy_workdir(workdir, tmp_path)
+  path = sample.sample_and_save(config, workdir)
+  images = np.load(path)['images']
+  assert images.shape == (config.sampling.num_samples, 16, 16, 1)
+  assert images.dtype == np.uint8 and images.std() > 0
+  assert os.path.exists(path.replace('.npz', '.png'))
+
+  # Resume: one finished batch is kept as it is, a missing one is redone,
+  # and the result is the same as the uninterrupted run.
+  batch_dir = path[:-len('.npz')]
+  kept = os.path.join(batch_dir, 'batch_00000.npz')
+  kept_mtime = os.stat(kept).st_mtime_ns
+  os.remove(os.path.join(batch_dir, 'batch_00001.npz'))
+  os.remove(path)
+  again = np.load(sample.sample_and_save(config, workdir))['images']
+  np.testing.assert_array_equal(images, again)
+  assert os.stat(kept).st_mtime_ns == kept_mtime
+
+  # Another seed gives other samples.
+  config = config.copy_and_resolve_references()
+  config.seed = 1
+  other = np.load(sample.sample_and_save(config, workdir))['images']
+  assert not np.array_equal(images, other)
+
+
+def test_sample_figures(trained, tmp_path):
+  config, workdir = trained
+  workdir = _copy_workdir(workdir, tmp_path)
+  config = config.copy_and_resolve_references()
+  config.sampling.figures = True
+  config.sampling.num_samples = 4
+  path = sample.sample_and_save(config, workdir)
+  assert os.path.exists(path.replace('.npz', '_progressive.png'))
+  assert os.path.exists(path.replace('.npz', '_interpolation.png'))
+
+
+def test_eval_reports_bound_and_quality_and_resumes(trained, tmp_path):
+  config, workdir = trained
+  workdir = _copy_workdir(workdir, tmp_path)
+  results = evaluate.evaluate(config, workdir)
+  bpd = results['bpd']
+  assert bpd['num_examples'] == config.eval.num_bpd_examples
+  for key in ('total_bpd', 'prior_bpd', 'sum_Lt_bpd', 'L0_bpd'):
+    assert np.isfinite(bpd[key]), key
+  np.testing.assert_allclose(bpd['total_bpd'],
+                             bpd['prior_bpd'] + bpd['sum_Lt_bpd'] + bpd['L0_bpd'], rtol=1e-5)
+  # An untrained model is far from the data: several bits per dimension.
+  assert 1.0 < bpd['total_bpd'] < 20.0
+  assert os.path.exists(bpd['rate_distortion_png'])
+  quality = results['sample_quality']
+  assert quality['comparable_with_inception_fid'] is False
+  assert quality['fd_vs_train'] > 0 and np.isfinite(quality['kid_vs_train'])
+  saved = json.load(open(os.path.join(workdir, 'eval', f'step_{results["step"]}.json')))
+  assert saved['bpd']['total_bpd'] == bpd['total_bpd']
+
+  # A restart reuses the finished batches and gives the same numbers.
+  batch_dir = os.path.join(workdir, 'eval', f'bpd_step_{results["step"]}_seed{config.seed}')
+  first = os.path.join(batch_dir, 'batch_00000.npz')
+  mtime = os.stat(first).st_mtime_ns
+  again = evaluate.evaluate(config, workdir)
+  assert again['bpd'] == bpd
+  assert again['sample_quality']['fd_vs_train'] == quality['fd_vs_train']
+  assert os.stat(first).st_mtime_ns == mtime
+
+
+def test_rate_distortion_is_cumulative():
+  terms = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+  prior = np.array([0.5, 0.5])
+  mse = np.full((2, 3), (10 / 127.5)**2)
+  rate, distortion = evaluate.rate_distortion(terms, prior, mse)
+  np.testing.assert_allclose(rate, [6.5, 5.5, 3.5])
+  np.testing.assert_allclose(distortion, [10.0, 10.0, 10.0])
+
+
+def test_no_checkpoint_is_a_clear_error(trained, tmp_path):
+  config, _ = trained
+  with pytest.raises(checkpointing.CheckpointError, match='train first'):
+    sample.sample_and_save(config, str(tmp_path / 'empty'))
+  assert not os.path.exists(tmp_path / 'empty' / 'samples')
+
+
+def test_mismatched_model_config_is_refused(trained):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.model.num_res_blocks = 2
+  with pytest.raises(train.TrainingError, match='model.num_res_blocks'):
+    sample.sample_and_save(config, workdir)
+
+
+def test_missing_inception_weights_is_a_clear_error(trained, tmp_path):
+  config, workdir = trained
+  workdir = _copy_workdir(workdir, tmp_path)
+  config = config.copy_and_resolve_references()
+  config.eval.feature_extractor = 'inception'
+  config.eval.inception_weights = str(tmp_path / 'missing.pth')
+  with pytest.raises(FileNotFoundError, match='missing.pth'):
+    evaluate.evaluate_sample_quality(config, sample.load_inference_model(config, workdir),
+                                     workdir)
