@@ -171,7 +171,9 @@ def test_nonfinite_step_is_skipped(data_dirs):
   applied, metrics = fn(skipped, {'image': batches['image'][1:]}, jax.random.key(3))
   assert float(metrics['finite'][0]) == 1.0 and int(applied.nonfinite_in_a_row) == 0
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), applied.params, state.params)
-  assert all(jax.tree.leaves(changed))
+  # Nearly all: a few parameters (e.g. attention's key bias, to which softmax
+  # is invariant) have exactly zero gradient.
+  assert np.mean(jax.tree.leaves(changed)) > 0.9
 
 
 def test_bad_batch_size_is_rejected_before_work():
