@@ -3,7 +3,7 @@
 Samples are made in batches whose keys are fold_in(seed key, batch index), so
 the result depends only on the seed, the checkpoint and the sampler, never on
 how often the run was interrupted: each finished batch is written to
-`DIR/samples/<name>/batch_XXXXX.npz` at once, and a restart skips those.
+`DIR/samples/<name>/batch_<index>.npz` at once, and a restart skips those.
 When all are done they are joined into `DIR/samples/<name>.npz` (uint8 NHWC
 under the key 'images') and a PNG grid of the first 64.
 """
