@@ -5,22 +5,36 @@ change touches only it. A checkpoint holds two items: 'state' (the train
 state with EMA parameters and the step, saved with `StandardSave`) and
 'config' (the experiment config as JSON, to check a resumed run against).
 
-Orbax commits a step atomically: it writes into a temporary folder and
-renames it when complete, so a crash mid-write leaves no folder that
-`latest_step()` would take. Saves are asynchronous; `wait()` blocks until the
-last one is committed and `close()` is called before exit.
+Failure behaviour:
+
+* Orbax commits a step atomically: it writes into `<step>.orbax-checkpoint-tmp`
+  and renames it to `<step>` when complete. A crash mid-write leaves only the
+  temporary folder, which `latest_step()` never takes and the next writable
+  `Checkpointer` deletes.
+* A committed step that cannot be read (truncated or deleted files) is logged
+  as an error naming the step, and `restore` falls back to the next older
+  step; `set_aside` then moves the unreadable steps out of the way (renamed to
+  `<step>.unreadable-<time>`, kept for inspection). With none readable,
+  `restore` raises `CheckpointError`: it never returns a fresh state.
+* A failing save (full disk, read-only directory) raises `CheckpointError`
+  naming the step, from `save`, `poll` or `wait`; older steps stay intact
+  because Orbax deletes old steps only after a new one is committed.
 """
 
+import contextlib
 import json
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint could not be restored (and no fall-back was possible)."""
+  """A checkpoint could not be saved or restored."""
 
 
 class Checkpointer:
@@ -44,9 +58,15 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         # Leftover temporary folders of an interrupted save are removed at start.
         cleanup_tmp_directories=not read_only,
+        # The step folder is made before save() returns: a read-only or full
+        # disk fails there, at once, rather than leaving background writers
+        # waiting (20 minutes) for a folder that never comes.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     )
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=('state', 'config'))
+    # The step of the newest save started, so a failure surfacing later can name it.
+    self._saving_step: Optional[int] = None
 
   def all_steps(self) -> Sequence[int]:
     """Committed steps, ascending."""
@@ -59,18 +79,46 @@ class Checkpointer:
   def save(self, step: int, state: Any, config_json: str, *, force: bool = True) -> bool:
     """Starts saving `state` at `step`; returns whether a save was started.
 
-    Errors of a previous asynchronous save surface here (or in `wait`).
-    """
-    return self._manager.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(json.loads(config_json)),
-        ),
-        force=force,
-    )
+    Waits for the previous save first, so its errors surface here.
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, int]:
+    Raises:
+      CheckpointError: this or the previous save failed.
+    """
+    self.wait()
+    with self._failures_named(step):
+      started = self._manager.save(
+          int(step),
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              config=ocp.args.JsonSave(json.loads(config_json)),
+          ),
+          force=force,
+      )
+      if started:
+        self._saving_step = int(step)
+      return started
+
+  def poll(self) -> None:
+    """Raises CheckpointError if a background save has failed; never blocks on one."""
+    if self._saving_step is not None and not self._manager.is_saving_in_progress():
+      self.wait()  # Returns at once: the save has finished, maybe with an error.
+
+  def wait(self) -> None:
+    """Blocks until every started save is committed.
+
+    Raises:
+      CheckpointError: a save failed.
+    """
+    if self._saving_step is None:
+      return
+    with self._failures_named(self._saving_step):
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    self._saving_step = None
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None, *,
+              check_config: Optional[Callable[[Dict[str, Any]], None]] = None
+              ) -> Tuple[Any, int]:
     """Restores the state of `step` (default: newest), with fall-back.
 
     If the requested (or newest) step cannot be read, the error is logged
@@ -79,8 +127,12 @@ class Checkpointer:
 
     Args:
       abstract_state: a pytree of `jax.ShapeDtypeStruct` with shardings (from
-        `jax.eval_shape`), giving the structure, dtypes and placement.
+        `jax.eval_shape`), giving the structure, dtypes and placement; the
+        saved arrays are resharded onto it (any device count).
       step: a specific step, or None for the newest that can be read.
+      check_config: called with each readable step's saved config before its
+        state is restored; what it raises propagates (no fall-back), e.g. a
+        refusal to resume with another model.
 
     Returns:
       (state, step).
@@ -94,17 +146,22 @@ class Checkpointer:
     errors = []
     for candidate in candidates:
       try:
+        saved_config = self.restore_config(candidate)
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(self._log_unreadable(candidate, e))
+        continue
+      if check_config is not None:
+        check_config(saved_config)
+      try:
         restored = self._manager.restore(
             candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored['state'], candidate
       except Exception as e:  # pylint: disable=broad-except
         # Orbax raises many types here (missing files, bad metadata, shape
         # mismatch, tensorstore errors); all mean "this step is unusable".
-        logging.error('Checkpoint at step %d in %s cannot be restored: %s: %s',
-                      candidate, self.directory, type(e).__name__, e)
-        errors.append(f'step {candidate}: {type(e).__name__}: {e}')
-    raise CheckpointError(f'No checkpoint in {self.directory} could be restored:\n' +
-                          '\n'.join(errors))
+        errors.append(self._log_unreadable(candidate, e))
+    raise CheckpointError(f'No checkpoint in {self.directory} could be restored:\n  ' +
+                          '\n  '.join(errors))
 
   def restore_config(self, step: Optional[int] = None) -> Dict[str, Any]:
     """The config JSON saved with `step` (default: newest)."""
@@ -114,16 +171,61 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored['config']
 
-  def wait(self) -> None:
-    """Blocks until every started save is committed; raises its errors."""
-    self._manager.wait_until_finished()
-    self._manager.check_for_errors()
+  def set_aside(self, steps: Sequence[int]) -> None:
+    """Renames unreadable committed steps so they are neither restored nor overwritten.
+
+    Called by every process; process 0 renames, then all of them continue.
+    """
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      stamp = time.strftime('%Y%m%d-%H%M%S')
+      for step in steps:
+        source = os.path.join(self.directory, str(step))
+        target = f'{source}.unreadable-{stamp}'
+        os.rename(source, target)
+        logging.error('Moved the unreadable checkpoint of step %d to %s.', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('ddpm_jax_checkpoint_set_aside')
+    self._manager.reload()
 
   def reached_preemption(self, step: int) -> bool:
-    """True on every host once any host got a preemption notice (multi-host)."""
+    """True on every process at the same `step` once any got a preemption notice.
+
+    Multi-process runs only (JAX's preemption service, which listens for
+    SIGTERM); always False in a single process. Every process must call it
+    at every step with the same, consecutive step numbers.
+    """
     return self._manager.reached_preemption(step)
 
   def close(self) -> None:
-    """Waits for pending saves and releases Orbax's resources."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves and releases Orbax's resources.
+
+    Errors of a pending save are logged, not raised: `close` runs on the way
+    out of a failure too, and must not hide that first error. Call `wait`
+    where a failed save must stop the program.
+    """
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Closing the checkpoints in %s: a save failed: %s: %s', self.directory,
+                    type(e).__name__, e)
+
+  def _log_unreadable(self, step: int, error: Exception) -> str:
+    message = f'step {step}: {type(error).__name__}: {error}'
+    logging.error('The checkpoint of step %d in %s cannot be restored (%s: %s).', step,
+                  self.directory, type(error).__name__, error)
+    return message
+
+  @contextlib.contextmanager
+  def _failures_named(self, step: int):
+    """Turns an Orbax save failure into a CheckpointError naming the step."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and the file system raise many types (OSError, ValueError, ...).
+      raise CheckpointError(
+          f'Saving the checkpoint of step {step} to {self.directory} failed: '
+          f'{type(e).__name__}: {e}. Older committed steps are intact.') from e
