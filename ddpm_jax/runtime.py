@@ -1,26 +1,65 @@
-"""Process-level set-up shared by every mode of main.py."""
+"""Process-level set-up shared by every mode of main.py.
+
+Multi-process runs (several hosts, or several processes on one machine) call
+`jax.distributed.initialize` before anything else touches JAX. Where it is
+called with what:
+
+  * Explicitly: the arguments of `initialize`, or the environment variables
+    `JAX_COORDINATOR_ADDRESS` (host:port of process 0, which also runs the
+    coordinator), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`. E.g. two processes
+    on one machine:
+
+        JAX_COORDINATOR_ADDRESS=localhost:12355 JAX_NUM_PROCESSES=2 \
+            JAX_PROCESS_ID=0 python main.py --config=... --workdir=DIR &
+        JAX_COORDINATOR_ADDRESS=localhost:12355 JAX_NUM_PROCESSES=2 \
+            JAX_PROCESS_ID=1 python main.py --config=... --workdir=DIR
+
+  * Detected: SLURM with more than one task, or a multi-host TPU VM slice;
+    JAX reads the cluster's own variables.
+
+  * Otherwise a single process, and nothing is called.
+
+On CPU, processes exchange gradients through gloo (JAX's default CPU
+collectives).
+"""
 
 import os
+from typing import Optional
 
 import jax
 from absl import logging
 
+# Where compiled programs are cached across runs; '' turns the cache off.
+COMPILATION_CACHE_ENV = 'DDPM_JAX_COMPILATION_CACHE'
 
-def initialize(workdir: str) -> None:
-  """Multi-host start-up, host-only TensorFlow, and the persistent compile cache.
+
+def initialize(workdir: str, *, coordinator_address: Optional[str] = None,
+               num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
+  """Multi-process start-up, host-only TensorFlow, and the persistent compile cache.
+
+  Must run before any JAX computation (it may start the distributed runtime).
 
   Args:
-    workdir: the run's directory (its parent must be writable).
+    workdir: the run's directory (created; its parent must be writable).
+    coordinator_address: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).
+    num_processes: processes in the run (default: $JAX_NUM_PROCESSES).
+    process_id: this process, in [0, num_processes) (default: $JAX_PROCESS_ID).
   """
-  # On a multi-host TPU/GPU slice the cluster is discovered from the
-  # environment; a single process needs (and must not call) nothing.
-  if _is_multi_host_environment():
-    jax.distributed.initialize()
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if num_processes is None:
+    num_processes = _env_int('JAX_NUM_PROCESSES')
+  if process_id is None:
+    process_id = _env_int('JAX_PROCESS_ID')
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  if explicit or _is_cluster_environment():
+    # JAX fills in whatever is None from the cluster environment.
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
   # tf.data only feeds the host; keep TensorFlow off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   # Compiled programs are cached across runs (a warm restart skips compiling).
-  cache_dir = os.environ.get('DDPM_JAX_COMPILATION_CACHE',
+  cache_dir = os.environ.get(COMPILATION_CACHE_ENV,
                              os.path.join(os.path.expanduser('~'), '.cache', 'ddpm_jax', 'xla'))
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
@@ -31,9 +70,17 @@ def initialize(workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
 
 
-def _is_multi_host_environment() -> bool:
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  if value in (None, ''):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f'${name} must be an integer, got {value!r}.') from None
+
+
+def _is_cluster_environment() -> bool:
   env = os.environ
-  return bool(env.get('JAX_COORDINATOR_ADDRESS') or env.get('COORDINATOR_ADDRESS') or
-              int(env.get('SLURM_NTASKS', '1')) > 1 or
-              int(env.get('JAX_NUM_PROCESSES', '1')) > 1 or
-              ('TPU_WORKER_HOSTNAMES' in env and ',' in env['TPU_WORKER_HOSTNAMES']))
+  return (int(env.get('SLURM_NTASKS', '1')) > 1 or
+          ('TPU_WORKER_HOSTNAMES' in env and ',' in env['TPU_WORKER_HOSTNAMES']))
