@@ -1,12 +1,39 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Reads the whole story top to bottom: validate the config, build the model and
-the process, restore or create the state, then loop: assemble a global batch
-from each host's slice, run `steps_per_call` jitted steps, and at their
-intervals log, draw a sample grid from the EMA parameters and checkpoint.
-Re-running with the same workdir resumes from the newest committed
-checkpoint; data order and randomness depend only on (seed, step), so a
-resumed run continues exactly as an uninterrupted one would.
+Reads the whole story top to bottom: check the config, take the workdir,
+restore or create the state, then loop: assemble a global batch from each
+process's slice, run `steps_per_call` jitted steps, and at their intervals log,
+draw a sample grid from the EMA parameters and checkpoint. Re-running with
+the same workdir resumes from the newest committed checkpoint; data order and
+randomness depend only on (seed, step), so a resumed run continues exactly as
+an uninterrupted one would, bit for bit.
+
+Failure behaviour (each has a test in tests/test_reliability.py):
+
+* Bad config: `ConfigError` listing every problem, before the workdir is
+  touched, the dataset prepared or anything compiled.
+* A workdir in use by another trainer, or a checkpoint made with another
+  model or diffusion config: `TrainingError`, before any work.
+* SIGTERM (preemption): the current step finishes, a checkpoint of it is
+  committed, and `train_and_evaluate` returns normally (exit code 0 from
+  main.py); the same command resumes there. With several processes, JAX's
+  preemption service takes the signal and Orbax's sync point makes every
+  process save the same step.
+* SIGKILL or a crash: the restart resumes from the newest committed
+  checkpoint (an interrupted save is never taken for one) and replays the
+  lost steps exactly.
+* An unreadable newest checkpoint: an error naming the step, then the next
+  older one is used; none readable: `CheckpointError`, never a fresh start.
+* A failing save (full disk, read-only): `CheckpointError` naming the step;
+  older checkpoints stay intact.
+* Non-finite loss or gradient: the step is skipped (state unchanged) and
+  counted; `training.max_consecutive_nonfinite` in a row stop the run with a
+  `TrainingError`. A state with non-finite values is never checkpointed.
+
+Per-step metrics go to `workdir/metrics.jsonl` (one JSON object per step:
+step, loss, grad_norm, learning_rate, finite), written at log steps; on
+resume the lines after the restored step are dropped, so the file always
+describes the history of the checkpointed state.
 """
 
 import contextlib
@@ -17,13 +44,14 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
@@ -41,6 +69,7 @@ _MUST_MATCH_ON_RESUME = ('model', 'diffusion')
 # fold_in constants that keep the init and grid keys apart from step keys.
 _INIT_KEY = 2**31 - 1
 _GRID_KEY = 2**31 - 2
+METRICS_FILE = 'metrics.jsonl'
 
 
 class TrainingError(RuntimeError):
@@ -68,6 +97,30 @@ def abstract_train_state(model, config, image_shape, mesh) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
 
 
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError listing every problem of a config; cheap (no data read, no compile).
+
+  Args:
+    config: the experiment config.
+    num_devices: devices the global batch is split over.
+  """
+  dataset_problem = None
+  try:
+    # Finds the builder without preparing it: an unknown name fails in
+    # milliseconds rather than after other work.
+    input_pipeline.get_builder(config.data, prepare=False)
+  except ValueError as e:
+    dataset_problem = f'data.dataset: {e}'
+  try:
+    config_validation.validate(config, num_devices=num_devices)
+  except config_validation.ConfigError as e:
+    if dataset_problem is None:
+      raise
+    raise config_validation.ConfigError(f'{e}\n  - {dataset_problem}') from None
+  if dataset_problem is not None:
+    raise config_validation.ConfigError(f'Invalid config:\n  - {dataset_problem}')
+
+
 def check_resume_compatible(saved_config: Dict[str, Any], config: ml_collections.ConfigDict,
                             workdir: str) -> None:
   """Raises TrainingError if the checkpoint was made with another model or process."""
@@ -87,7 +140,10 @@ def check_resume_compatible(saved_config: Dict[str, Any], config: ml_collections
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-  """Holds an exclusive lock on the workdir; a second trainer is refused."""
+  """Holds an exclusive lock on the workdir; a second trainer is refused.
+
+  The lock is an flock, so it goes away with the process however that ends.
+  """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, '.train.lock')
   with open(path, 'a+') as f:
@@ -102,81 +158,188 @@ def workdir_lock(workdir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM; the loop checkpoints at the next step and exits cleanly."""
+class _Preemption:
+  """Tells the loop when to checkpoint and stop because the job is being preempted.
 
-  def __init__(self):
-    self.requested = False
+  A single process catches SIGTERM itself. With several processes, JAX's
+  preemption service owns SIGTERM (a Python handler would take the signal
+  from it), and Orbax's sync point answers True on every process at the
+  same step, so they all save the same checkpoint.
+  """
+
+  def __init__(self, ckpt: checkpointing.Checkpointer):
+    self._ckpt = ckpt
+    self._single_process = jax.process_count() == 1
+    self._requested = False
     self._previous = None
 
   def __enter__(self):
-    def handler(signum, frame):
-      del frame
-      logging.warning('Received signal %d: saving a checkpoint, then exiting.', signum)
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # Not the main thread (e.g. a test runner thread).
-      self._previous = None
+    if self._single_process:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+      except ValueError:  # Not the main thread (e.g. a test runner thread).
+        self._previous = None
     return self
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
+  def _handler(self, signum, frame):
+    del frame
+    logging.warning('Received signal %d: saving a checkpoint, then exiting.', signum)
+    self._requested = True
 
-def _stack_batches(iterator, k: int) -> Dict[str, np.ndarray]:
-  batches = [next(iterator) for _ in range(k)]
-  return {key: np.stack([b[key] for b in batches]) for key in ('image',)}
+  def reached(self, call_id: int) -> bool:
+    """Whether to save and stop now.
+
+    Args:
+      call_id: the same on every process, and one more at each call (once
+        per loop iteration).
+    """
+    if self._single_process:
+      return self._requested
+    return self._ckpt.reached_preemption(call_id)
 
 
-def _is_due(step: int, every: int, last_step: int) -> bool:
-  return every > 0 and (step % every == 0 or step == last_step)
+class _MetricsLog:
+  """Per-step metrics as JSON lines, kept consistent with the checkpointed state."""
+
+  def __init__(self, path: str, enabled: bool):
+    self.path = path
+    self._enabled = enabled
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records of steps after `step` (replayed after a resume) and torn lines."""
+    if not self._enabled or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # The last line of a killed run may be half written.
+        if record['step'] <= step:
+          kept.append(json.dumps(record))
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.write(''.join(line + '\n' for line in kept))
+    os.replace(tmp, self.path)
+
+  def append(self, first_step: int, per_step: Dict[str, np.ndarray]) -> None:
+    """Writes one record per step: `first_step`, first_step + 1, ..."""
+    if not self._enabled:
+      return
+    names = sorted(per_step)
+    count = len(per_step[names[0]])
+    with open(self.path, 'a') as f:
+      for i in range(count):
+        record = {'step': first_step + i}
+        record.update({name: float(per_step[name][i]) for name in names})
+        f.write(json.dumps(record) + '\n')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+@jax.jit
+def _all_finite(trees) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def save_checkpoint(ckpt: checkpointing.Checkpointer, step: int, state: Any,
+                    config_json: str) -> None:
+  """Starts an (asynchronous) save of `state`, refusing one with NaN or Inf values.
+
+  Raises:
+    TrainingError: the state holds a non-finite value.
+    checkpointing.CheckpointError: this or the previous save failed.
+  """
+  if not bool(_all_finite((state.params, state.opt_state, state.ema_params))):
+    latest = ckpt.latest_step()
+    raise TrainingError(
+        f'The state at step {step} holds NaN or Inf values, so it was not checkpointed ('
+        + ('no checkpoint was written' if latest is None else
+           f'the newest checkpoint, step {latest}, is finite')
+        + '). Lower the learning rate or check the data.')
+  ckpt.save(step, state, config_json)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: Optional[Sequence[jax.Device]] = None) -> Dict[str, float]:
   """Trains (or resumes training) until `config.training.num_train_steps`.
 
   Args:
     config: the experiment config (see configs/default.py).
-    workdir: checkpoints, TensorBoard logs and sample grids go here.
+    workdir: checkpoints, TensorBoard logs, metrics.jsonl and sample grids go here.
+    devices: the devices to train on (default: every device of every process).
 
   Returns:
     The metrics of the last log step, as floats (empty if nothing ran).
+
+  Raises:
+    config_validation.ConfigError: the config cannot work (nothing was done).
+    TrainingError: the workdir is in use, its checkpoint has another model
+      or process, or training diverged.
+    checkpointing.CheckpointError: no checkpoint could be restored, or a
+      save failed.
   """
-  mesh = sharding_lib.make_mesh()
-  config_validation.validate(config, num_devices=mesh.devices.size)
+  mesh = sharding_lib.make_mesh(devices)
+  check_config(config, num_devices=mesh.devices.size)
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
-  lock = workdir_lock(workdir) if is_chief else contextlib.nullcontext()
-  with lock, _PreemptionFlag() as preemption:
-    return _train(config, workdir, mesh, preemption, is_chief)
+  with contextlib.ExitStack() as stack:
+    if is_chief:  # The other processes share the chief's workdir.
+      stack.enter_context(workdir_lock(workdir))
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                      max_to_keep=config.training.keep_checkpoints)
+    stack.callback(ckpt.close)
+    preemption = stack.enter_context(_Preemption(ckpt))
+    return _train(config, workdir, mesh, ckpt, preemption, is_chief)
 
 
-def _train(config, workdir, mesh, preemption, is_chief) -> Dict[str, float]:
+def _restore(config, workdir, mesh, ckpt, model, image_shape):
+  """The newest readable checkpoint's (state, step); None when there is no checkpoint."""
+  if not ckpt.all_steps():
+    return None
+  abstract = abstract_train_state(model, config, image_shape, mesh)
+  state, step = ckpt.restore(
+      abstract, check_config=functools.partial(
+          check_resume_compatible, config=config, workdir=workdir))
+  # Newer steps failed to restore; out of the way, or saving them again would fail.
+  ckpt.set_aside([s for s in ckpt.all_steps() if s > step])
+  if int(state.step) != step:
+    raise TrainingError(f'Checkpoint {step} holds a state at step {int(state.step)}.')
+  logging.info('Resumed from step %d in %s.', step, ckpt.directory)
+  return state, step
+
+
+def _create(config, workdir, mesh, model, image_shape, is_chief):
+  """A fresh state at step 0."""
+
+  def create(key):
+    state = train_state_lib.create_train_state(model, config, key, image_shape)
+    # A restored step is a strongly typed int32. The same type here makes a
+    # fresh and a resumed run the same program: one compile, one cache entry.
+    return state.replace(step=jnp.asarray(state.step, jnp.int32))
+
+  init = jax.jit(create, out_shardings=sharding_lib.replicated(mesh))
+  state = init(jax.random.fold_in(jax.random.key(config.seed), _INIT_KEY))
+  if is_chief:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort())
+  return state, 0
+
+
+def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float]:
   tc = config.training
   model, d, image_shape = build_model_and_diffusion(config)
   config_json = config.to_json_best_effort()
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    max_to_keep=tc.keep_checkpoints)
-
-  # Restore or create the state. A checkpoint that exists is never ignored.
-  abstract = abstract_train_state(model, config, image_shape, mesh)
-  if ckpt.latest_step() is not None:
-    check_resume_compatible(ckpt.restore_config(), config, workdir)
-    state, start_step = ckpt.restore(abstract)
-    logging.info('Resumed from step %d in %s.', start_step, ckpt.directory)
-  else:
-    init = jax.jit(functools.partial(train_state_lib.create_train_state, model, config,
-                                     image_shape=image_shape),
-                   out_shardings=sharding_lib.replicated(mesh))
-    state = init(jax.random.fold_in(jax.random.key(config.seed), _INIT_KEY))
-    start_step = 0
-    if is_chief:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config_json)
-  if int(state.step) != start_step:
-    raise TrainingError(f'Checkpoint {start_step} holds a state at step {int(state.step)}.')
+  # Cheap checks first: reading a checkpoint refuses another model before the
+  # dataset is prepared and anything is compiled.
+  restored = _restore(config, workdir, mesh, ckpt, model, image_shape)
+  # Prepares the dataset if needed and checks it against the config (channels, sizes).
+  input_pipeline.dataset_info(config)
+  state, start_step = restored or _create(config, workdir, mesh, model, image_shape, is_chief)
 
   k = tc.steps_per_call
   seed_key = jax.random.key(config.seed)
@@ -199,69 +362,92 @@ def _train(config, workdir, mesh, preemption, is_chief) -> Dict[str, float]:
       config, start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count())
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  metrics_log = _MetricsLog(os.path.join(workdir, METRICS_FILE), enabled=is_chief)
+  metrics_log.truncate_after(start_step)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flatten(json.loads(config_json)).items()})
+    writer.write_hparams(_flatten(json.loads(config_json)))
 
   last_step = tc.num_train_steps
   step = start_step
-  metric_sums, metric_count = None, 0
+  pending: List[Dict[str, jax.Array]] = []  # Per-step metrics, on device until a log step.
   last_metrics: Dict[str, float] = {}
-  timer_step, timer_time = step, time.time()
+  timer = (step, time.time())
   logging.info('Training %s from step %d to %d on %d device(s), global batch %d.',
                config.data.dataset, step, last_step, mesh.devices.size, tc.batch_size)
   try:
     while step < last_step:
-      if preemption.requested or ckpt.reached_preemption(step):
-        logging.warning('Preempted at step %d: checkpointing and exiting.', step)
-        ckpt.save(step, state, config_json)
-        ckpt.wait()
-        break
       batch = sharding_lib.host_to_global(_stack_batches(data, k), mesh, leading_axes=1)
       state, metrics = train_fn(state, batch, seed_key)
+      pending.append(metrics)
       step += k
-      # Metrics stay on device until a log step.
-      summed = jax.tree.map(jnp.sum, metrics)
-      metric_sums = summed if metric_sums is None else jax.tree.map(jnp.add, metric_sums, summed)
-      metric_count += k
+      # step // k counts calls, the consecutive ids the multi-process sync point needs.
+      preempted = preemption.reached(step // k)
 
-      if _is_due(step, tc.log_every_steps, last_step):
-        sums = jax.device_get(metric_sums)
-        nonfinite_in_a_row = int(state.nonfinite_in_a_row)
-        last_metrics = {name: float(v) / metric_count for name, v in sums.items()}
-        now = time.time()
-        steps_per_sec = (step - timer_step) / max(now - timer_time, 1e-9)
-        last_metrics['steps_per_sec'] = steps_per_sec
-        last_metrics['skipped_steps'] = metric_count - sums['finite']
-        writer.write_scalars(step, last_metrics)
-        eta = (last_step - step) / max(steps_per_sec, 1e-9)
-        logging.info('step %d/%d (%.1f%%)  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s',
-                     step, last_step, 100.0 * step / last_step, last_metrics['loss'],
-                     last_metrics['grad_norm'], steps_per_sec, _format_seconds(eta))
-        metric_sums, metric_count = None, 0
-        timer_step, timer_time = step, now
-        if nonfinite_in_a_row >= tc.max_consecutive_nonfinite:
-          raise TrainingError(
-              f'{nonfinite_in_a_row} training steps in a row had a non-finite loss or gradient '
-              f'(stopped at step {step}; limit training.max_consecutive_nonfinite='
-              f'{tc.max_consecutive_nonfinite}). The last checkpoint holds finite values; lower '
-              'the learning rate or check the data.')
+      if _is_due(step, tc.log_every_steps, last_step) or preempted:
+        last_metrics = _log(step, last_step, pending, state, timer, writer, metrics_log, tc)
+        pending, timer = [], (step, time.time())
+        ckpt.poll()  # A failed background save stops the run here, not a save later.
 
       if sample_fn is not None and _is_due(step, tc.sample_every_steps, last_step):
         # The same key every time, so successive grids show the same samples improving.
         samples = sample_fn(state.ema_params, jax.random.fold_in(seed_key, _GRID_KEY))
-        grid = images_lib.make_grid(images_lib.to_uint8(jax.device_get(samples)))
+        # Every process takes part in the gather; only the chief writes.
+        samples = multihost_utils.process_allgather(samples, tiled=True)
+        grid = images_lib.make_grid(images_lib.to_uint8(samples))
         if is_chief:
           images_lib.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
         writer.write_images(step, {'samples': grid[None]})
 
-      if _is_due(step, tc.checkpoint_every_steps, last_step):
-        ckpt.save(step, state, config_json)
-    writer.flush()
+      if _is_due(step, tc.checkpoint_every_steps, last_step) or preempted:
+        save_checkpoint(ckpt, step, state, config_json)
+      if preempted:
+        ckpt.wait()
+        logging.warning('Preempted: committed the checkpoint of step %d; run the same command '
+                        'to resume.', step)
+        break
     ckpt.wait()
   finally:
-    ckpt.close()
+    writer.flush()
     writer.close()
   return last_metrics
+
+
+def _log(step, last_step, pending, state, timer, writer, metrics_log, tc) -> Dict[str, float]:
+  """Writes the per-step metrics since the last log step; stops a diverged run."""
+  # One transfer for everything since the last log step.
+  per_call, nonfinite_in_a_row = jax.device_get((pending, state.nonfinite_in_a_row))
+  per_step = {name: np.concatenate([m[name] for m in per_call]) for name in per_call[0]}
+  count = len(per_step['loss'])
+  metrics_log.append(step - count + 1, per_step)
+  finite = per_step['finite'] > 0
+  # Means over the applied steps: a skipped step's NaN would hide the others.
+  metrics = {name: float(np.mean(values[finite])) if finite.any() else float('nan')
+             for name, values in per_step.items() if name != 'finite'}
+  timer_step, timer_time = timer
+  steps_per_sec = (step - timer_step) / max(time.time() - timer_time, 1e-9)
+  metrics['steps_per_sec'] = steps_per_sec
+  metrics['skipped_steps'] = float(count - finite.sum())
+  writer.write_scalars(step, metrics)
+  eta = (last_step - step) / max(steps_per_sec, 1e-9)
+  logging.info('step %d/%d (%.1f%%)  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s',
+               step, last_step, 100.0 * step / last_step, metrics['loss'], metrics['grad_norm'],
+               steps_per_sec, _format_seconds(eta))
+  if int(nonfinite_in_a_row) >= tc.max_consecutive_nonfinite:
+    raise TrainingError(
+        f'{int(nonfinite_in_a_row)} training steps in a row had a non-finite loss or gradient '
+        f'(stopped at step {step}; limit training.max_consecutive_nonfinite='
+        f'{tc.max_consecutive_nonfinite}). They were skipped, and the checkpoints hold finite '
+        'values; lower the learning rate or check the data.')
+  return metrics
+
+
+def _stack_batches(iterator, k: int) -> Dict[str, np.ndarray]:
+  batches = [next(iterator) for _ in range(k)]
+  return {key: np.stack([b[key] for b in batches]) for key in ('image',)}
+
+
+def _is_due(step: int, every: int, last_step: int) -> bool:
+  return every > 0 and (step % every == 0 or step == last_step)
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
