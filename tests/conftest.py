@@ -8,6 +8,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from ddpm_jax import runtime  # noqa: E402
+
+# The XLA:CPU flags main.py runs with, so the tests check the same kernels.
+runtime.configure_xla_flags()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
