@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models import unet_from_config
-from ddpm_jax.models.unet import UNet, timestep_embedding, upsample_nearest2x
+import flax.linen as nn
+
+from ddpm_jax.models.unet import GroupNorm, UNet, timestep_embedding, upsample_nearest2x
 
 # A tiny model (ch 32, two levels, attention at 8x8) keeps compiled tests fast.
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
@@ -279,3 +281,34 @@ def test_unet_from_config():
 def test_unet_from_config_rejects_unknown_dtype():
   with pytest.raises(ValueError, match=r"float16.*valid choices.*bfloat16.*float32"):
     unet_from_config(_model_config(dtype="float16"), 3)
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 8, 8, 64), 32), ((3, 4, 5, 96), 32),
+                                           ((2, 16, 256), 32), ((1, 4, 4, 8), 4)])
+def test_group_norm_equals_flax_group_norm(shape, groups):
+  # Off-centre, scaled activations and non-trivial affine parameters.
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = 3.0 * jax.random.normal(keys[0], shape) + 1.5
+  reference = nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+  variables = reference.init(keys[1], x)
+  variables = {"params": {"scale": 1.0 + jax.random.normal(keys[2], (shape[-1],)),
+                          "bias": jax.random.normal(keys[3], (shape[-1],))}}
+  ours = GroupNorm(num_groups=groups)
+  assert jax.tree.map(jnp.shape, ours.init(keys[1], x)) == jax.tree.map(jnp.shape, variables)
+  want = reference.apply(variables, x)
+  np.testing.assert_allclose(ours.apply(variables, x), want, rtol=0, atol=2e-5)
+  # The gradients too (the training step differentiates through it).
+  cotangent = jax.random.normal(keys[0], shape)
+  grad = lambda m: jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * cotangent), (0, 1))(variables, x)
+  for got, expected in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(reference))):
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_group_norm_bf16_output_with_float32_statistics():
+  x = 100.0 + jax.random.normal(jax.random.key(0), (2, 4, 4, 64))
+  ours = GroupNorm(dtype=jnp.bfloat16)
+  variables = ours.init(jax.random.key(1), x)
+  y = ours.apply(variables, x.astype(jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  # A large mean with unit spread: bf16 statistics would lose the spread.
+  np.testing.assert_allclose(np.asarray(y, np.float32).std(), 1.0, atol=0.05)
