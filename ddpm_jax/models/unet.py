@@ -67,8 +67,9 @@ class GroupNorm(nn.Module):
   multiply-add (which XLA fuses with the swish that follows). Same
   parameters ('scale', 'bias') and the same function as
   `nn.GroupNorm(num_groups, epsilon)` up to float rounding (tests compare
-  them); it made the CIFAR-10 U-Net's forward pass 3% and its gradient 5%
-  faster on CPU.
+  them). On CPU it made the CIFAR-10 U-Net's forward pass 13% and its
+  gradient 10% faster than `nn.GroupNorm` (batch 8: 0.424 -> 0.367 s and
+  1.43 -> 1.28 s), and the Fashion-MNIST U-Net's forward pass 20% faster.
 
   Attributes:
     num_groups: channel groups; the channel count must divide by it.
@@ -88,11 +89,17 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     x32 = x.astype(jnp.float32)
-    grouped = x32.reshape(b, -1, g, c // g)
-    mean = jnp.mean(grouped, axis=(1, 3))                                  # [B, G]
+    # Per-channel sums over the positions first, then over each group's
+    # channels: XLA:CPU reduces the contiguous channel-last layout this way
+    # 2-3x faster than in one reduction over (positions, group channels).
+    per_position = x32.reshape(b, -1, c)
+    count = per_position.shape[1] * (c // g)
+    group_sum = lambda v: jnp.sum(v.reshape(b, g, c // g), axis=-1)        # [B, C] -> [B, G]
+    mean = group_sum(jnp.sum(per_position, axis=1)) / count
+    mean_sq = group_sum(jnp.sum(jnp.square(per_position), axis=1)) / count
     # E[x^2] - E[x]^2 in float32, clipped at 0 against cancellation; the
     # activations here are O(1), so this matches the two-pass variance.
-    var = jnp.maximum(jnp.mean(jnp.square(grouped), axis=(1, 3)) - jnp.square(mean), 0.0)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
     inv_std = jax.lax.rsqrt(var + self.epsilon)                             # [B, G]
     multiplier = inv_std[:, :, None] * scale.astype(jnp.float32).reshape(g, c // g)
     offset = bias.astype(jnp.float32).reshape(g, c // g) - mean[:, :, None] * multiplier
