@@ -1,0 +1,134 @@
+"""Smoke test of the benchmark suite (`benchmarks/run.py --quick`), plus its helpers.
+
+The quick run measures every row with tiny models; its numbers mean nothing,
+so nothing here is timed: the test checks that every row ran without error
+and that the JSON report is complete and well formed. The helper tests check
+that the diffusers peer is the same network as ddpm-jax's U-Net (through
+ddpm-jax's own diffusers-config reader), that measurements take turns, and
+that the peak-memory probe sees an allocation.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import workloads  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import cifar10, fashion_mnist  # noqa: E402
+from ddpm_jax.models.diffusers_import import unet_kwargs_from_diffusers_config  # noqa: E402
+
+ROWS = ("train_step", "forward", "flops", "sampling", "bpd", "compile", "input_pipeline",
+        "scaling", "steps")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "quick.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick", "--out", str(out)],
+      cwd=ROOT, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  with open(out) as f:
+    return json.load(f), proc.stdout
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_every_row_ran_without_error(report):
+  data, _ = report
+  assert set(ROWS) <= set(data["rows"])
+  for name, result in data["raw"].items():
+    if name == "compile":
+      for run in ("cold", "warm"):
+        assert "error" not in result[run], result[run].get("traceback", result[run])
+    else:
+      assert "error" not in result, result.get("traceback", result)
+
+
+def test_rows_hold_positive_measurements(report):
+  rows = json.loads(json.dumps(report[0]["rows"]))
+  for name in ("train_step", "forward"):
+    for key in ("jax_images_per_s", "torch_images_per_s", "ratio", "flops_per_image"):
+      assert _positive(rows[name][key]), (name, key, rows[name][key])
+  assert _positive(rows["flops"]["limit_flops_per_s"])
+  assert _positive(rows["flops"]["forward_jax_fraction"])
+  for key in ("chain_s", "bare_forwards_s", "diffusers_s", "speedup_vs_diffusers"):
+    assert _positive(rows["sampling"][key]), key
+  assert _positive(rows["bpd"]["fraction_of_forward"])
+  for run in ("cold", "warm"):
+    for part in ("train", "sampler"):
+      assert _positive(rows["compile"][run][part]["total_s"])
+  assert _positive(rows["input_pipeline"]["ratio"])
+  settings = report[0]["settings"]
+  assert [r["batch"] for r in rows["scaling"]["rows"]] == settings["scaling_batches"]
+  for r in rows["scaling"]["rows"]:
+    for workload in settings["scaling_workloads"]:
+      assert _positive(r[workload]["images_per_s"])
+      assert r[workload]["memory"]["peak_rss_mib"] > 0
+  assert [r["steps"] for r in rows["steps"]["rows"]] == settings["step_counts"]
+
+
+def test_every_measurement_records_the_machine_load(report):
+  rows = report[0]["rows"]
+  for name in ("train_step", "forward", "sampling", "bpd", "input_pipeline"):
+    load = rows[name]["load"]
+    assert load["loadavg_1m_end"] >= 0, name
+    # Too short a block in a smoke run for the estimate: None, else >= 0.
+    assert load["foreign_cpu_cores"] is None or load["foreign_cpu_cores"] >= 0, name
+
+
+def test_targets_and_table(report):
+  data, stdout = report
+  assert len(data["targets"]) == 10
+  for target in data["targets"]:
+    assert isinstance(target["met"], bool), target
+  for row in ("| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 5 |", "| 6 |", "| 7 |", "Row 8"):
+    assert row in stdout and row in data["table"]
+
+
+@pytest.mark.parametrize("config_module", [cifar10, fashion_mnist])
+def test_diffusers_peer_is_the_same_network(config_module):
+  config = config_module.get_config()
+  size, channels = config.data.image_size, config.data.num_channels
+  kwargs = workloads.diffusers_unet_kwargs(config.model, size, channels, channels)
+  back = unet_kwargs_from_diffusers_config(dict(_class_name="UNet2DModel", **kwargs))
+  assert back == dict(ch=config.model.ch, ch_mult=tuple(config.model.ch_mult),
+                      num_res_blocks=config.model.num_res_blocks,
+                      attn_resolutions=tuple(config.model.attn_resolutions),
+                      dropout=config.model.dropout, out_ch=channels, resamp_with_conv=True)
+
+
+def test_cifar10_peer_has_the_public_ddpm_layout():
+  kwargs = workloads.diffusers_unet_kwargs(cifar10.get_config().model, 32, 3, 3)
+  assert kwargs["block_out_channels"] == (128, 256, 256, 256)
+  assert kwargs["down_block_types"] == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                        "DownBlock2D")
+  assert kwargs["up_block_types"] == ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+
+
+def test_time_interleaved_takes_turns_after_warmup():
+  calls = []
+  result = common.time_interleaved({"a": lambda: calls.append("a"),
+                                    "b": lambda: calls.append("b")}, repeats=3, warmup=2)
+  assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+  assert result["a"]["repeats"] == 3 and len(result["b"]["times_s"]) == 3
+  assert result["a"]["median_s"] >= 0
+
+
+def test_peak_memory_sees_an_allocation():
+  mem = common.PeakMemory()
+  with mem.measure():
+    block = np.ones(32 * 1024 * 1024 // 4, np.float32)  # 32 MiB, every page touched
+    del block
+  assert mem.result["workload_mib"] >= 30
