@@ -11,7 +11,8 @@ from ddpm_jax import checkpointing
 from ddpm_jax import evaluate
 from ddpm_jax import sample
 from ddpm_jax import train
-from test_train import make_config, write_fake_fashion_mnist
+from trainer_harness import tiny_config as make_config
+from trainer_harness import write_fake_fashion_mnist
 
 
 @pytest.fixture(scope='module')

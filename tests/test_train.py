@@ -16,26 +16,9 @@ from ddpm_jax import config_validation
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import train
 from ddpm_jax import train_state as train_state_lib
-from ddpm_jax.datasets import fashion_mnist_idx
-
-
-def write_fake_fashion_mnist(directory, num_train=64, num_test=16, seed=0):
-  """Small IDX files with smooth, learnable 28x28 images (blobs of two sizes)."""
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[:28, :28]
-
-  def images(n):
-    cy, cx = rng.uniform(8, 20, (2, n))
-    radius = rng.choice([4.0, 8.0], n)
-    d2 = (yy[None] - cy[:, None, None])**2 + (xx[None] - cx[:, None, None])**2
-    return (255 * np.exp(-d2 / (2 * radius[:, None, None]**2))).astype(np.uint8)
-
-  os.makedirs(directory, exist_ok=True)
-  for split, n in (('train', num_train), ('t10k', num_test)):
-    fashion_mnist_idx.write_idx_gz(os.path.join(directory, f'{split}-images-idx3-ubyte.gz'),
-                                   images(n))
-    fashion_mnist_idx.write_idx_gz(os.path.join(directory, f'{split}-labels-idx1-ubyte.gz'),
-                                   rng.integers(0, 10, n).astype(np.uint8))
+from trainer_harness import restore as params_of
+from trainer_harness import tiny_config as make_config
+from trainer_harness import write_fake_fashion_mnist
 
 
 @pytest.fixture(scope='module')
@@ -43,25 +26,6 @@ def data_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp('data')
   write_fake_fashion_mnist(str(root / 'idx'))
   return str(root / 'idx'), str(root / 'tfds')
-
-
-def make_config(data_dirs, **training):
-  config = tiny.get_config()
-  config.data.manual_dir, config.data.data_dir = data_dirs
-  for key, value in training.items():
-    config.training[key] = value
-  return config
-
-
-def params_of(workdir, config, step=None):
-  model, _, image_shape = train.build_model_and_diffusion(config)
-  mesh = sharding_lib.make_mesh()
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
-  try:
-    state, _ = ckpt.restore(train.abstract_train_state(model, config, image_shape, mesh), step)
-  finally:
-    ckpt.close()
-  return state
 
 
 def test_train_writes_checkpoints_samples_and_resumes(data_dirs, tmp_path):

@@ -21,13 +21,32 @@ from ddpm_jax import checkpointing
 from ddpm_jax import input_pipeline
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import train
-from test_train import write_fake_fashion_mnist
+from ddpm_jax.datasets import fashion_mnist_idx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, 'tests', 'train_subprocess.py')
 MAIN = os.path.join(REPO, 'main.py')
 # A subprocess trainer of the tiny config takes ~30 s on a loaded 2-core machine.
 TIMEOUT_S = 400
+
+
+def write_fake_fashion_mnist(directory, num_train=64, num_test=16, seed=0):
+  """Small IDX files with smooth, learnable 28x28 images (blobs of two sizes)."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:28, :28]
+
+  def images(n):
+    cy, cx = rng.uniform(8, 20, (2, n))
+    radius = rng.choice([4.0, 8.0], n)
+    d2 = (yy[None] - cy[:, None, None])**2 + (xx[None] - cx[:, None, None])**2
+    return (255 * np.exp(-d2 / (2 * radius[:, None, None]**2))).astype(np.uint8)
+
+  os.makedirs(directory, exist_ok=True)
+  for split, n in (('train', num_train), ('t10k', num_test)):
+    fashion_mnist_idx.write_idx_gz(os.path.join(directory, f'{split}-images-idx3-ubyte.gz'),
+                                   images(n))
+    fashion_mnist_idx.write_idx_gz(os.path.join(directory, f'{split}-labels-idx1-ubyte.gz'),
+                                   rng.integers(0, 10, n).astype(np.uint8))
 
 
 def make_data(root: str):
