@@ -51,13 +51,17 @@ def cifar_config(spec: Spec):
   from configs import cifar10  # pylint: disable=g-import-not-at-top
   config = cifar10.get_config()
   if spec['quick']:
-    # One level with attention: every kind of layer, little to compile.
-    config.data.image_size = 8
-    config.model.ch = 32
-    config.model.ch_mult = (1,)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (8,)
+    _shrink_for_quick(config)
   return config
+
+
+def _shrink_for_quick(config) -> None:
+  """One 8x8 level with attention: every kind of layer, little to compile."""
+  config.data.image_size = 8
+  config.model.ch = 32
+  config.model.ch_mult = (1,)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (8,)
 
 
 def fashion_config(spec: Spec):
@@ -65,11 +69,7 @@ def fashion_config(spec: Spec):
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config()
   if spec['quick']:
-    config.data.image_size = 8
-    config.model.ch = 32
-    config.model.ch_mult = (1,)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (8,)
+    _shrink_for_quick(config)
     config.training.batch_size = 2
   config.diffusion.num_timesteps = int(spec['num_timesteps'])
   return config
