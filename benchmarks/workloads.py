@@ -14,8 +14,8 @@ machine's load hits both alike.
 
 The peer is the same network: `diffusers_unet_kwargs` writes the diffusers
 `UNet2DModel` config that computes the ddpm-jax U-Net's function (the layout
-of the public google/ddpm-cifar10-32 weights); `run.py --check` and the tests
-verify it against ddpm-jax's own diffusers-config reader.
+of the public google/ddpm-cifar10-32 weights); tests/test_benchmarks_smoke.py
+checks it against ddpm-jax's own diffusers-config reader.
 """
 
 from __future__ import annotations
@@ -137,16 +137,10 @@ def _jax_device_info() -> Dict[str, Any]:
               xla_flags=os.environ.get('XLA_FLAGS', ''))
 
 
-def build_jax(config):
-  """(model, diffusion, image_shape), as train.build_model_and_diffusion (no TF import)."""
-  from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.models import unet_from_config  # pylint: disable=g-import-not-at-top
-  shape = image_shape(config)
-  model = unet_from_config(config.model, out_channels=shape[-1])
-  d = diffusion_lib.make_diffusion(
-      config.diffusion.beta_schedule, config.diffusion.num_timesteps,
-      config.diffusion.beta_start, config.diffusion.beta_end)
-  return model, d, shape
+def _build_jax(config):
+  """(model, diffusion, image_shape) of a config, as the trainer builds them."""
+  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
+  return generate.build_model_and_diffusion(config)
 
 
 def _cost(compiled) -> Dict[str, Any]:
@@ -179,7 +173,7 @@ class JaxTrain:
     from ddpm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
     config = config.copy_and_resolve_references()
     config.training.batch_size = batch
-    self.model, d, shape = build_jax(config)
+    self.model, d, shape = _build_jax(config)
     self.state = jax.jit(functools.partial(ts.create_train_state, self.model, config,
                                            image_shape=shape))(jax.random.key(seed))
     x = jax.random.uniform(jax.random.key(seed + 1), (1, batch) + shape, jnp.float32, -1, 1)
@@ -208,7 +202,7 @@ class JaxForward:
   def __init__(self, config, batch: int, seed: int = 0, params=None):
     jax = _jax_setup({})
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    self.model, self.d, shape = build_jax(config)
+    self.model, self.d, shape = _build_jax(config)
     x = jax.random.normal(jax.random.key(seed + 1), (batch,) + shape, jnp.float32)
     t = jax.random.randint(jax.random.key(seed + 2), (batch,), 0, self.d.num_timesteps)
     if params is None:
@@ -534,7 +528,7 @@ def task_compile(spec: Spec) -> Result:
   files_before = len(os.listdir(cache)) if os.path.isdir(cache) else 0
   with common.LoadMonitor() as load:
     train = JaxTrain(config, batch)
-    model, d, shape = build_jax(config)
+    model, d, shape = _build_jax(config)
     chain = jax.jit(lambda p, key: sampling.p_sample_loop(
         d, lambda x, t: model.apply({'params': p}, x, t, train=False), (batch,) + shape, key))
     t0 = time.perf_counter()

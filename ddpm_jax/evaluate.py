@@ -9,7 +9,6 @@ Results go to `DIR/eval/step_<step>.json` and TensorBoard, with the paper's
 rate-distortion plot (Fig. 5) as `DIR/eval/rate_distortion_step_<step>.png`.
 """
 
-import functools
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ from typing import Any, Dict, Tuple
 import jax
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
@@ -176,23 +174,15 @@ def plot_rate_distortion(terms_bpd, prior_bpd, mse, path: str) -> None:
 # Sample quality.
 
 
-def _split_with_labels(config: ml_collections.ConfigDict, split: str):
-  """uint8 images at the model's resolution and their labels, for one split."""
-  builder = input_pipeline.get_builder(config.data)
-  ds = builder.as_dataset(split=split, shuffle_files=False)
-  resize = functools.partial(input_pipeline.resize_image, data_config=config.data)
-  ds = ds.map(lambda ex: (resize(ex['image']), ex['label'])).batch(1000)
-  images, labels = zip(*tfds.as_numpy(ds))
-  return np.concatenate(images), np.concatenate(labels)
-
-
 def _feature_extractor(config: ml_collections.ConfigDict, im: sample_lib.InferenceModel,
                        eval_dir: str):
   """(label, extract_fn(uint8 images) -> (features, logits), metadata)."""
   name = config.eval.feature_extractor
   if name == 'domain':
-    images, labels = _split_with_labels(config, config.data.train_split)
-    test_images, test_labels = _split_with_labels(config, config.data.eval_split)
+    images, labels = input_pipeline.load_split_as_uint8(
+        config, config.data.train_split, with_labels=True)
+    test_images, test_labels = input_pipeline.load_split_as_uint8(
+        config, config.data.eval_split, with_labels=True)
     params, info = domain_classifier.load_or_train_domain_classifier(
         os.path.join(eval_dir, 'domain_classifier'), images, labels,
         steps=config.eval.domain_classifier_steps, batch_size=min(128, len(images)),

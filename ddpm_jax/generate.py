@@ -10,8 +10,20 @@ import ml_collections
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import sampling
 from ddpm_jax import sharding as sharding_lib
+from ddpm_jax.models import unet_from_config
 
 SAMPLERS = ('ddpm', 'respaced', 'ddim')
+
+
+def build_model_and_diffusion(config: ml_collections.ConfigDict):
+  """The U-Net, the diffusion process and the model's input shape (H, W, C)."""
+  channels = config.data.num_channels
+  learned_variance = config.diffusion.model_var_type in ('learned', 'learned_range')
+  model = unet_from_config(config.model, out_channels=channels * (2 if learned_variance else 1))
+  d = diffusion_lib.make_diffusion(
+      config.diffusion.beta_schedule, config.diffusion.num_timesteps,
+      config.diffusion.beta_start, config.diffusion.beta_end)
+  return model, d, (config.data.image_size, config.data.image_size, channels)
 
 
 def make_model_fn(model: nn.Module, params: Any, mesh=None) -> Callable:

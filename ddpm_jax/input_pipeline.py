@@ -465,20 +465,21 @@ def make_eval_dataset(
 
 
 def load_split_as_uint8(config: ml_collections.ConfigDict, split: str,
-                        limit: int | None = None) -> np.ndarray:
+                        limit: int | None = None, with_labels: bool = False):
   """Loads a split at the model's resolution as uint8, e.g. for FID statistics.
 
-  Images go through the same resizing as model inputs (Fashion-MNIST comes
-  back padded to 32x32 with black borders), without flips, in TFDS order,
-  unsharded (all of it on this process).
+  Images go through the same resizing as model inputs, without flips, in
+  TFDS order, unsharded (all of it on this process).
 
   Args:
     config: experiment config; uses `config.data`.
     split: TFDS split string, e.g. 'train' or 'test[:1000]'.
     limit: at most this many images (None: all).
+    with_labels: also return the split's 'label' feature.
 
   Returns:
-    uint8 [N, image_size, image_size, num_channels].
+    uint8 [N, image_size, image_size, num_channels], or (that, int labels
+    [N]) with `with_labels`.
   """
   data = config.data
   builder = get_builder(data)
@@ -487,10 +488,15 @@ def load_split_as_uint8(config: ml_collections.ConfigDict, split: str,
       read_config=tfds.ReadConfig(options=_deterministic_options()))
   if limit is not None:
     ds = ds.take(limit)
-  ds = ds.map(lambda example: resize_image(example["image"], data),
+  # Unlabelled datasets (CelebA-HQ, LSUN) get a dummy label, never returned.
+  ds = ds.map(lambda example: (resize_image(example["image"], data),
+                               example["label"] if with_labels else 0),
               num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
   batches = list(ds.as_numpy_iterator())
-  if not batches:
-    return np.zeros((0, data.image_size, data.image_size, data.num_channels),
-                    np.uint8)
-  return np.concatenate(batches)
+  if batches:
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+  else:
+    images = np.zeros((0, data.image_size, data.image_size, data.num_channels), np.uint8)
+    labels = np.zeros((0,), np.int64)
+  return (images, labels) if with_labels else images

@@ -9,6 +9,7 @@ under the key 'images') and a PNG grid of the first 64.
 """
 
 import dataclasses
+import functools
 import glob
 import logging
 import os
@@ -64,10 +65,10 @@ def load_inference_model(config: ml_collections.ConfigDict, workdir: str,
     if ckpt.latest_step() is None:
       raise checkpointing.CheckpointError(
           f'No committed checkpoint in {directory}: train first with --mode=train.')
-    train.check_resume_compatible(ckpt.restore_config(step), config, workdir)
-    model, d, image_shape = train.build_model_and_diffusion(config)
+    model, d, image_shape = generate.build_model_and_diffusion(config)
     abstract = train.abstract_train_state(model, config, image_shape, mesh)
-    state, restored_step = ckpt.restore(abstract, step)
+    state, restored_step = ckpt.restore(abstract, step, check_config=functools.partial(
+        train.check_resume_compatible, config=config, workdir=workdir))
   finally:
     ckpt.close()
   logging.info('Loaded the EMA parameters of step %d from %s.', restored_step, directory)

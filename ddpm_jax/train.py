@@ -55,13 +55,11 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
-from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import generate
 from ddpm_jax import images as images_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import train_state as train_state_lib
-from ddpm_jax.models import unet_from_config
 
 # Sections that must match between a checkpoint and the config resuming it:
 # a different network or process would silently train something else.
@@ -74,17 +72,6 @@ METRICS_FILE = 'metrics.jsonl'
 
 class TrainingError(RuntimeError):
   """Training cannot go on (non-finite steps, a workdir in use, a mismatch)."""
-
-
-def build_model_and_diffusion(config: ml_collections.ConfigDict):
-  """The U-Net, the diffusion process and the model's input shape (H, W, C)."""
-  channels = config.data.num_channels
-  learned_variance = config.diffusion.model_var_type in ('learned', 'learned_range')
-  model = unet_from_config(config.model, out_channels=channels * (2 if learned_variance else 1))
-  d = diffusion_lib.make_diffusion(
-      config.diffusion.beta_schedule, config.diffusion.num_timesteps,
-      config.diffusion.beta_start, config.diffusion.beta_end)
-  return model, d, (config.data.image_size, config.data.image_size, channels)
 
 
 def abstract_train_state(model, config, image_shape, mesh) -> Any:
@@ -332,7 +319,7 @@ def _create(config, workdir, mesh, model, image_shape, is_chief):
 
 def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float]:
   tc = config.training
-  model, d, image_shape = build_model_and_diffusion(config)
+  model, d, image_shape = generate.build_model_and_diffusion(config)
   config_json = config.to_json_best_effort()
   # Cheap checks first: reading a checkpoint refuses another model before the
   # dataset is prepared and anything is compiled.
