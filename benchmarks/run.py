@@ -5,12 +5,12 @@
 prints a Markdown table and writes every number (with the machine load
 during each measurement) to a JSON file. Rows:
 
-  1. training step of the CIFAR-10 U-Net (35.7M, float32): ddpm-jax's real
+  1. training step of the CIFAR-10 U-Net (35.7M, float32 or --dtype bfloat16): ddpm-jax's real
      `train_steps` (Adam, clipping, EMA) vs diffusers `UNet2DModel` + torch
      (Adam, clipping, EMA), images/s, ratio, peak memory;
   2. the forward pass (the sampling workload), images/s, ratio;
-  3. achieved FLOP/s of 1 and 2 (XLA's cost analysis of the compiled programs)
-     over the fastest float32 matmul/convolution measured in the same run;
+  3. achieved FLOP/s of 1 and 2 (XLA's FLOP count of the lowered programs)
+     over the fastest matmul/convolution measured in the same run;
   4. the scan-compiled 1000-step sampler vs 1000 bare forward passes, and a
      16-image sampling run with the Fashion-MNIST default's U-Net vs
      diffusers' DDPMPipeline with the identical network;
@@ -99,9 +99,14 @@ def _peer_problems() -> List[str]:
   return problems
 
 
-def ensure_peers() -> Dict[str, str]:
-  """Installs the pinned peers if needed (then re-executes); returns their versions."""
-  problems = _peer_problems()
+def ensure_peers(pinned: bool = True) -> Dict[str, str]:
+  """Installs the pinned peers if needed (then re-executes); returns their versions.
+
+  With pinned=False (`--peers installed`, e.g. an accelerator machine with its
+  own CUDA PyTorch and no package index) whatever is installed is used and its
+  versions are recorded.
+  """
+  problems = _peer_problems() if pinned else []
   if problems:
     if os.environ.get(_REEXEC_ENV):
       sys.exit(f'benchmark peers still not right after installing: {problems}')
@@ -314,12 +319,13 @@ def make_table(rows: Dict[str, Any], targets: List[Dict], spec: Dict[str, Any],
                meta: Dict[str, Any]) -> str:
   """The Markdown report."""
   b = spec['batch']
+  dt = {'float32': 'fp32', 'bfloat16': 'bf16'}[spec.get('dtype', 'float32')]
   lines = [
       f'Machine: {meta["machine"]}; backend {meta.get("backend", "?")}; '
       f'{"QUICK SMOKE RUN (tiny sizes, numbers meaningless)" if spec["quick"] else "full run"}.',
       '', '| # | measurement | ddpm-jax | diffusers + PyTorch | ddpm-jax / peer | machine load |',
       '|---|---|---|---|---|---|']
-  for num, name, label in (('1', 'train_step', f'training step, CIFAR-10 U-Net, fp32, batch {b}'),
+  for num, name, label in (('1', 'train_step', f'training step, CIFAR-10 U-Net, {dt}, batch {b}'),
                            ('2', 'forward', f'forward pass, same model, batch {b}')):
     r = rows[name]
     if 'error' in r:
@@ -343,7 +349,7 @@ def make_table(rows: Dict[str, Any], targets: List[Dict], spec: Dict[str, Any],
           f'{_f(100 * fl[f"{name}_torch_fraction"], ".0f")}% | | |')
     kernels = ', '.join(f'{k} {v / 1e9:.0f}' for k, v in sorted(
         fl['kernels_flops_per_s'].items(), key=lambda kv: -kv[1]))
-    lines.append(f'| 3 | limit: fastest fp32 kernel, GFLOP/s | {kernels} | | | '
+    lines.append(f'| 3 | limit: fastest {dt} kernel, GFLOP/s | {kernels} | | | '
                  f'{_load(fl.get("load"))} |')
   s = rows['sampling']
   if 'chain_s' in s:
@@ -438,6 +444,12 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument('--repeats', type=int, default=None, help='timed repeats per number')
   parser.add_argument('--sample-steps', type=int, default=None,
                       help='steps of the row-4 head-to-head sampling run (default 1000)')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help="compute dtype of both U-Nets (model.dtype; the peer's autocast)")
+  parser.add_argument('--scaling-batches', default=None,
+                      help='comma-separated batch sizes of row 8 (default 1,2,4,8,16)')
+  parser.add_argument('--peers', choices=('pinned', 'installed'), default='pinned',
+                      help='install the pinned torch/diffusers, or use those installed')
   parser.add_argument('--rows', default=','.join(ALL_ROWS),
                       help='comma-separated subset of: ' + ','.join(ALL_ROWS))
   parser.add_argument('--max-foreign-load', type=float, default=0.5,
@@ -448,8 +460,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument('--verbose', action='store_true', help="show the workers' output")
   args = parser.parse_args(argv)
 
-  versions = ensure_peers()
-  spec = dict(QUICK if args.quick else FULL)
+  versions = ensure_peers(pinned=args.peers == 'pinned')
+  spec = dict(QUICK if args.quick else FULL, dtype=args.dtype)
+  if args.scaling_batches:
+    spec['scaling_batches'] = [int(b) for b in args.scaling_batches.split(',')]
   for key, value in (('batch', args.batch), ('repeats', args.repeats),
                      ('sample_steps', args.sample_steps)):
     if value is not None:
@@ -494,6 +508,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
       for job in jobs:
         job()
+        # What is measured so far survives an interrupted run.
+        with open(out, 'w') as f:
+          json.dump(dict(partial=True, settings=spec, raw=raw), f, indent=1, default=float)
   finally:
     shutil.rmtree(run_cache, ignore_errors=True)
 

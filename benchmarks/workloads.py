@@ -52,6 +52,7 @@ def cifar_config(spec: Spec):
   config = cifar10.get_config()
   if spec['quick']:
     _shrink_for_quick(config)
+  config.model.dtype = spec.get('dtype', 'float32')
   return config
 
 
@@ -72,6 +73,7 @@ def fashion_config(spec: Spec):
     _shrink_for_quick(config)
     config.training.batch_size = 2
   config.diffusion.num_timesteps = int(spec['num_timesteps'])
+  config.model.dtype = spec.get('dtype', 'float32')
   return config
 
 
@@ -134,6 +136,7 @@ def _jax_device_info() -> Dict[str, Any]:
   device = jax.devices()[0]
   return dict(backend=jax.default_backend(), device_kind=device.device_kind,
               num_devices=jax.device_count(), jax_version=jax.__version__,
+              jax_default_matmul_precision=jax.config.jax_default_matmul_precision,
               xla_flags=os.environ.get('XLA_FLAGS', ''))
 
 
@@ -143,15 +146,24 @@ def _build_jax(config):
   return generate.build_model_and_diffusion(config)
 
 
-def _cost(compiled) -> Dict[str, Any]:
-  """XLA's FLOP count and buffer sizes of a compiled program."""
+def _cost(lowered, compiled) -> Dict[str, Any]:
+  """XLA's FLOP count and buffer sizes of a program.
+
+  FLOPs come from the lowered (not yet optimised) program: the same count on
+  every backend, where a GPU's compiled program hides its convolutions inside
+  cuDNN calls that the compiled cost analysis does not count.
+  """
   out: Dict[str, Any] = {}
   try:
-    cost = compiled.cost_analysis()
+    cost = lowered.cost_analysis()
     if isinstance(cost, (list, tuple)):  # Older JAX: one dict per computation.
       cost = cost[0]
     out['flops'] = float(cost.get('flops', float('nan')))
-    out['bytes_accessed'] = float(cost.get('bytes accessed', float('nan')))
+    compiled_cost = compiled.cost_analysis()
+    if isinstance(compiled_cost, (list, tuple)):
+      compiled_cost = compiled_cost[0]
+    out['compiled_flops'] = float(compiled_cost.get('flops', float('nan')))
+    out['bytes_accessed'] = float(compiled_cost.get('bytes accessed', float('nan')))
   except Exception as e:  # pylint: disable=broad-except
     out['cost_error'] = repr(e)
   try:
@@ -187,7 +199,7 @@ class JaxTrain:
     self.compiled = lowered.compile()
     t2 = time.perf_counter()
     self.compile_s = dict(trace_lower_s=t1 - t0, compile_s=t2 - t1)
-    self.cost = _cost(self.compiled)
+    self.cost = _cost(lowered, self.compiled)
     self.batch = batch
 
   def __call__(self) -> None:
@@ -215,7 +227,7 @@ class JaxForward:
     t1 = time.perf_counter()
     self.compiled = lowered.compile()
     self.compile_s = dict(trace_lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
-    self.cost = _cost(self.compiled)
+    self.cost = _cost(lowered, self.compiled)
     self.batch = batch
 
   def model_fn(self, params):
@@ -242,6 +254,13 @@ def _torch_device():
   return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
+def _torch_autocast(config):
+  """The peer's counterpart of `model.dtype`: bfloat16 autocast (float32 parameters)."""
+  torch = _torch()
+  return torch.autocast(_torch_device().type, dtype=torch.bfloat16,
+                        enabled=config.model.dtype == 'bfloat16')
+
+
 def _torch_sync() -> None:
   """Waits for queued GPU work (PyTorch on CPU is synchronous already)."""
   torch = _torch()
@@ -252,8 +271,13 @@ def _torch_sync() -> None:
 def _torch_info() -> Dict[str, Any]:
   torch = _torch()
   import diffusers  # pylint: disable=g-import-not-at-top
-  return dict(torch_version=torch.__version__, diffusers_version=diffusers.__version__,
+  info = dict(torch_version=torch.__version__, diffusers_version=diffusers.__version__,
               torch_threads=torch.get_num_threads(), torch_device=str(_torch_device()))
+  if torch.cuda.is_available():  # float32 on a GPU may run its matrix units in TF32.
+    info.update(torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                torch_gpu=torch.cuda.get_device_name())
+  return info
 
 
 def build_torch_unet(config, seed: int = 0):
@@ -297,6 +321,7 @@ class TorchTrain:
     gen = torch.Generator().manual_seed(seed + 1)
     self.x = (torch.rand((batch, channels, size, size), generator=gen) * 2 - 1).to(device)
     self.grad_clip = optim.grad_clip
+    self.autocast = functools.partial(_torch_autocast, config)
     self.batch = batch
 
   def __call__(self) -> None:
@@ -306,7 +331,9 @@ class TorchTrain:
     noise = torch.randn_like(x0)
     a = self.acp[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    loss = torch.nn.functional.mse_loss(self.model(x_t, t).sample, noise)
+    with self.autocast():
+      eps = self.model(x_t, t).sample
+    loss = torch.nn.functional.mse_loss(eps.float(), noise)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -327,10 +354,11 @@ class TorchForward:
     device = _torch_device()
     self.x = torch.randn((batch, channels, size, size), generator=gen).to(device)
     self.t = torch.randint(0, config.diffusion.num_timesteps, (batch,), generator=gen).to(device)
+    self.autocast = functools.partial(_torch_autocast, config)
     self.batch = batch
 
   def __call__(self) -> None:
-    with self.torch.inference_mode():
+    with self.torch.inference_mode(), self.autocast():
       self.model(self.x, self.t)
     _torch_sync()
 
@@ -380,36 +408,42 @@ def _model_summary(config, jax_train: JaxTrain) -> Dict[str, Any]:
 
 
 def task_peak(spec: Spec) -> Result:
-  """Row 3's limit: the fastest float32 matmul and convolution on this machine."""
+  """Row 3's limit: the fastest matmul and convolution on this machine (run's dtype)."""
   jax = _jax_setup(spec)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   torch = _torch()
+  bf16 = spec.get('dtype', 'float32') == 'bfloat16'
+  jdt, tdt = (jnp.bfloat16, torch.bfloat16) if bf16 else (jnp.float32, torch.float32)
   device = _torch_device()
   quick = spec['quick']
   kernels: Dict[str, Callable[[], None]] = {}
   flops: Dict[str, float] = {}
-  for n in ((256,) if quick else (1024, 2048, 4096)):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  sizes = (256,) if quick else (1024, 2048, 4096)
+  if not quick and jax.default_backend() != 'cpu':
+    sizes += (8192,)  # An accelerator needs large products to reach its rate.
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), jdt)
+    b = jax.random.normal(jax.random.key(1), (n, n), jdt)
     dot = jax.jit(jnp.dot).lower(a, b).compile()
     kernels[f'jax_dot_{n}'] = functools.partial(lambda f, a, b: f(a, b).block_until_ready(),
                                                 dot, a, b)
-    ta, tb = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    ta, tb = (torch.randn(n, n, device=device, dtype=tdt),
+              torch.randn(n, n, device=device, dtype=tdt))
     kernels[f'torch_mm_{n}'] = functools.partial(
         lambda a, b: (torch.mm(a, b), _torch_sync()), ta, tb)
     flops[f'jax_dot_{n}'] = flops[f'torch_mm_{n}'] = 2.0 * n**3
   # Convolutions of the CIFAR U-Net's shapes (3x3, stride 1, 'SAME').
   conv_shapes = [(2, 8, 32)] if quick else [(8, 32, 128), (8, 16, 256), (8, 32, 256)]
   for batch, size, ch in conv_shapes:
-    x = jax.random.normal(jax.random.key(2), (batch, size, size, ch), jnp.float32)
-    w = jax.random.normal(jax.random.key(3), (3, 3, ch, ch), jnp.float32)
+    x = jax.random.normal(jax.random.key(2), (batch, size, size, ch), jdt)
+    w = jax.random.normal(jax.random.key(3), (3, 3, ch, ch), jdt)
     conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
         x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))).lower(x, w).compile()
     name = f'{batch}x{size}x{size}x{ch}'
     kernels[f'jax_conv_{name}'] = functools.partial(
         lambda f, x, w: f(x, w).block_until_ready(), conv, x, w)
-    tx = torch.randn(batch, ch, size, size, device=device)
-    tw = torch.randn(ch, ch, 3, 3, device=device)
+    tx = torch.randn(batch, ch, size, size, device=device, dtype=tdt)
+    tw = torch.randn(ch, ch, 3, 3, device=device, dtype=tdt)
     kernels[f'torch_conv_{name}'] = functools.partial(
         lambda x, w: (torch.nn.functional.conv2d(x, w, padding=1), _torch_sync()), tx, tw)
     flops[f'jax_conv_{name}'] = flops[f'torch_conv_{name}'] = 2.0 * batch * size * size * ch * ch * 9
@@ -453,8 +487,10 @@ def task_sampling(spec: Spec) -> Result:
       variance_type='fixed_large', clip_sample=True, prediction_type='epsilon')
   pipe = DDPMPipeline(unet=build_torch_unet(config).eval(), scheduler=scheduler)
   pipe.set_progress_bar_config(disable=True)
-  run_pipe = lambda: pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
-                          num_inference_steps=steps, output_type='np')
+  def run_pipe():
+    with _torch_autocast(config):
+      return pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
+                  num_inference_steps=steps, output_type='np')
   # The chain's overhead: against the same number of bare forward passes.
   bare = common.time_interleaved({'forward': fwd}, repeats=max(spec['repeats'], 5),
                                  warmup=spec['warmup'] + 2, min_seconds=spec['min_seconds'] or 0.5)
