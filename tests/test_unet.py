@@ -13,6 +13,7 @@ import pytest
 from ddpm_jax.models import unet_from_config
 import flax.linen as nn
 
+from ddpm_jax.models import unet
 from ddpm_jax.models.unet import GroupNorm, UNet, timestep_embedding, upsample_nearest2x
 
 # A tiny model (ch 32, two levels, attention at 8x8) keeps compiled tests fast.
@@ -312,3 +313,27 @@ def test_group_norm_bf16_output_with_float32_statistics():
   assert y.dtype == jnp.bfloat16
   # A large mean with unit spread: bf16 statistics would lose the spread.
   np.testing.assert_allclose(np.asarray(y, np.float32).std(), 1.0, atol=0.05)
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (2, 8, 24), (2, 4, 4, 16)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_layers_gradient_equals_autodiff(shape, dtype):
+  # The U-Net's Dense layers use a dot_general whose backward pass is written
+  # by hand (unet._matmul_last_axis); values and gradients must be nn.Dense's.
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], shape)
+  plain = nn.Dense(8, dtype=dtype)
+  ours = unet._dense(8, dtype, jnp.float32, "dense")
+  variables = plain.init(keys[1], x)
+  variables = {"params": {"kernel": variables["params"]["kernel"],
+                          "bias": jax.random.normal(keys[2], (8,))}}
+  assert ours.dot_general is unet._dense_dot_general
+  np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
+  cotangent = jax.random.normal(keys[0], shape[:-1] + (8,))
+  grad = lambda m: jax.jit(jax.grad(
+      lambda v, x: jnp.sum(m.apply(v, x).astype(jnp.float32) * cotangent), (0, 1)))(variables, x)
+  got, want = grad(ours), grad(plain)
+  assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=tol * float(np.abs(w).max()))

@@ -14,6 +14,7 @@ Tensors are NHWC. Parameter names are this project's own; see
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -127,6 +128,46 @@ def _conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str,
       name=name)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_last_axis(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
+  """[..., I] x [I, O] -> [..., O]; its gradient reads a materialised cotangent."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _matmul_last_axis_fwd(x, kernel, precision):
+  return _matmul_last_axis(x, kernel, precision), (x, kernel)
+
+
+def _matmul_last_axis_bwd(precision, residuals, g):
+  x, kernel = residuals
+  # The same two products as autodiff's, but on XLA:CPU the cotangent is
+  # first written out in its natural layout. Without the barrier XLA fuses
+  # the (GroupNorm/swish) backward pass that produces it into a transposed
+  # copy for the kernel gradient, a cache-hostile strided loop: the CIFAR-10
+  # U-Net's gradient spent ~75 ms of 1.3 s there (batch 8); with it the
+  # gradient is 4-5% faster, with bitwise the same result. Other backends
+  # keep autodiff's graph.
+  g = jax.lax.platform_dependent(g, cpu=jax.lax.optimization_barrier, default=lambda g: g)
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+  flat_x, flat_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dkernel = jax.lax.dot_general(flat_x, flat_g, (((0,), (0,)), ((), ())), precision=precision)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_matmul_last_axis.defvjp(_matmul_last_axis_fwd, _matmul_last_axis_bwd)
+
+
+def _dense_dot_general(x, kernel, dimension_numbers, precision=None,
+                       preferred_element_type=None, **unused):
+  """The `dot_general` that `nn.Dense` calls: x's last axis against the kernel's first."""
+  (x_contract, k_contract), (x_batch, k_batch) = dimension_numbers
+  if (tuple(x_contract) != (x.ndim - 1,) or tuple(k_contract) != (0,) or x_batch or k_batch
+      or preferred_element_type not in (None, jnp.result_type(x, kernel))):
+    return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  return _matmul_last_axis(x, kernel, precision)
+
+
 def _dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str,
            kernel_init=default_init) -> nn.Dense:
   return nn.Dense(
@@ -135,6 +176,7 @@ def _dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str,
       bias_init=nn.initializers.zeros,
       dtype=dtype,
       param_dtype=param_dtype,
+      dot_general=_dense_dot_general,
       name=name)
 
 
