@@ -158,13 +158,17 @@ _matmul_last_axis.defvjp(_matmul_last_axis_fwd, _matmul_last_axis_bwd)
 
 
 def _dense_dot_general(x, kernel, dimension_numbers, precision=None,
-                       preferred_element_type=None, **unused):
-  """The `dot_general` that `nn.Dense` calls: x's last axis against the kernel's first."""
+                       preferred_element_type=None, **other):
+  """The `dot_general` that `nn.Dense` calls: x's last axis against the kernel's first.
+
+  Any other contraction, or arguments beyond precision, go to
+  `lax.dot_general` unchanged.
+  """
   (x_contract, k_contract), (x_batch, k_batch) = dimension_numbers
   if (tuple(x_contract) != (x.ndim - 1,) or tuple(k_contract) != (0,) or x_batch or k_batch
-      or preferred_element_type not in (None, jnp.result_type(x, kernel))):
+      or preferred_element_type not in (None, jnp.result_type(x, kernel)) or other):
     return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
+                               preferred_element_type=preferred_element_type, **other)
   return _matmul_last_axis(x, kernel, precision)
 
 
