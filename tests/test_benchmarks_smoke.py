@@ -132,3 +132,21 @@ def test_peak_memory_sees_an_allocation():
     block = np.ones(32 * 1024 * 1024 // 4, np.float32)  # 32 MiB, every page touched
     del block
   assert mem.result["workload_mib"] >= 30
+
+
+def test_bfloat16_runs_both_networks_in_bfloat16():
+  # --dtype bfloat16: model.dtype for ddpm-jax, autocast for the peer; the
+  # peer's output dtype shows that autocast is on.
+  spec = dict(quick=True, dtype="bfloat16", num_timesteps=10)
+  config = workloads.cifar_config(spec)
+  assert config.model.dtype == "bfloat16" and workloads.fashion_config(spec).model.dtype == "bfloat16"
+  jax_forward = workloads.JaxForward(config, 2)
+  # The U-Net returns float32; inside, activations are bfloat16 (XLA:CPU
+  # widens each convolution's operands, so look for the arrays, not the ops).
+  assert "bf16[2,8,8,32]" in jax_forward.compiled.as_text()
+  assert jax_forward.cost["flops"] > 0   # counted on the lowered program
+  torch_forward = workloads.TorchForward(config, 2)
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.inference_mode(), torch_forward.autocast():
+    assert torch_forward.model(torch_forward.x, torch_forward.t).sample.dtype == torch.bfloat16
+  workloads.TorchTrain(config, 2)()   # the float32 loss over the bf16 output
