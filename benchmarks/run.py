@@ -55,9 +55,21 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WORKLOADS = os.path.join(BENCH_DIR, 'workloads.py')
 REQUIREMENTS = os.path.join(BENCH_DIR, 'requirements.txt')
-# The peers' pinned versions (requirements-peers.txt): a different torch or
-# diffusers would measure something else.
-PINNED_PEERS = {'torch': '2.13.0', 'diffusers': '0.42.1'}
+PEER_REQUIREMENTS = os.path.join(ROOT, 'requirements-peers.txt')
+
+
+def _pinned_peers() -> Dict[str, str]:
+  """torch's and diffusers' versions as requirements-peers.txt pins them.
+
+  A different torch or diffusers would measure something else.
+  """
+  pins = {}
+  with open(PEER_REQUIREMENTS) as f:
+    for line in f:
+      name, sep, version = line.split('#')[0].strip().partition('==')
+      if sep and name in ('torch', 'diffusers'):
+        pins[name] = version.strip()
+  return pins
 _REEXEC_ENV = 'DDPM_BENCH_PEERS_INSTALLED'
 
 FULL = dict(
@@ -88,7 +100,7 @@ ALL_ROWS = ('pair', 'peak', 'sampling', 'bpd', 'fashion_train', 'scaling', 'step
 
 def _peer_problems() -> List[str]:
   problems = []
-  for name, want in PINNED_PEERS.items():
+  for name, want in _pinned_peers().items():
     try:
       have = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

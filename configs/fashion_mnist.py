@@ -5,9 +5,9 @@ the project's TFDS builder `fashion_mnist_local`, at its native 28x28 (the
 3-level U-Net goes 28 -> 14 -> 7). The U-Net keeps the paper's design (res
 blocks, attention at the lowest resolution, timestep embedding) at width 32
 and one res block per level: 1.1M parameters, about 0.6 s per step of 64
-images on 2 CPU cores (benchmarks/, row 7). The optimisation is tuned for a short run: a higher
-learning rate, a short warm-up and an EMA with warm-up (see README for what
-it reaches).
+images on 2 CPU cores (benchmarks/, row 7). The optimisation is tuned for a
+short run: a higher learning rate, a short warm-up and an EMA with warm-up
+(see README for what it reaches).
 """
 
 from configs import default

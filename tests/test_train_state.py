@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from ddpm_jax import train_state as ts
@@ -34,13 +35,9 @@ def _optax_step(state, grads, optim):
 
 
 def _fused_step(state, grads, optim):
-  params, opt_state, ema = ts.adam_ema_update(state, grads, optax_norm(grads), optim)
+  params, opt_state, ema = ts.adam_ema_update(state, grads, optax.tree.norm(grads), optim)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        ema_params=ema)
-
-
-def optax_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 @pytest.mark.parametrize('grad_clip, grad_scale, ema_warmup', [
