@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import print_saved_residuals
 import ml_collections
 import numpy as np
 import pytest
@@ -303,6 +304,30 @@ def test_group_norm_equals_flax_group_norm(shape, groups):
   grad = lambda m: jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * cotangent), (0, 1))(variables, x)
   for got, expected in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(reference))):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("swish", [False, True])
+def test_group_norm_with_swish_equals_flax_and_stores_only_its_input(swish, capsys):
+  keys = jax.random.split(jax.random.key(1), 3)
+  shape = (2, 8, 8, 64)
+  x = 2.0 * jax.random.normal(keys[0], shape) - 0.5
+  variables = {"params": {"scale": 1.0 + jax.random.normal(keys[1], (64,)),
+                          "bias": jax.random.normal(keys[2], (64,))}}
+  activation = nn.swish if swish else (lambda y: y)
+  reference = lambda v, x: activation(nn.GroupNorm(num_groups=32, epsilon=1e-6).apply(v, x))
+  ours = lambda v, x: GroupNorm(swish=swish).apply(v, x)
+  np.testing.assert_allclose(ours(variables, x), reference(variables, x), rtol=0, atol=2e-5)
+  cotangent = jax.random.normal(keys[0], shape)
+  grad = lambda f: jax.grad(lambda v, x: jnp.sum(f(v, x) * cotangent), (0, 1))(variables, x)
+  for got, expected in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(reference))):
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+  # The backward pass recomputes the normalised (and swished) tensor: the
+  # only full-size value kept from the forward pass is the input itself.
+  capsys.readouterr()
+  print_saved_residuals(ours, variables, x)
+  full_size = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("f32[2,8,8,64]")]
+  assert full_size == ["f32[2,8,8,64] from the argument x"], full_size
 
 
 def test_group_norm_bf16_output_with_float32_statistics():
