@@ -29,7 +29,9 @@ def test_adds_the_flags_once(monkeypatch):
 def test_keeps_the_users_flags_and_values(monkeypatch):
   name = runtime.XLA_CPU_FLAGS[0].split('=')[0]
   flags = _configured(monkeypatch, f'--xla_force_host_platform_device_count=2 {name}=dot')
-  assert flags == ['--xla_force_host_platform_device_count=2', f'{name}=dot']
+  # The user's value wins; the flags the user did not set are still added.
+  assert flags == ['--xla_force_host_platform_device_count=2', f'{name}=dot',
+                   *runtime.XLA_CPU_FLAGS[1:]]
 
 
 def test_opt_out_leaves_xla_flags_alone(monkeypatch):
@@ -46,4 +48,5 @@ def test_this_jaxlib_accepts_the_flags():
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.split()[0] == '3.0' and runtime.XLA_CPU_FLAGS[0] in proc.stdout
+  assert proc.stdout.split()[0] == '3.0'
+  assert all(flag in proc.stdout.split() for flag in runtime.XLA_CPU_FLAGS)
