@@ -5,6 +5,7 @@ consecutive skipped (non-finite) steps. `train_step` is a pure function of
 (state, batch, rng); the loop in `ddpm_jax/train.py` jits it over the mesh.
 """
 
+import functools
 from typing import Any, Dict, Tuple
 
 import flax.linen as nn
@@ -62,6 +63,17 @@ def ema_decay_at(step: Array, optim: ml_collections.ConfigDict) -> Array:
   return decay
 
 
+def _adam_ema_leaf_update(param, grad, mu, nu, ema, scalars, *, b1, b2, eps):
+  """One parameter's clipped Adam step and EMA; `scalars` are the per-step factors."""
+  clip_scale, inv_correction_1, inv_correction_2, step_size, decay = scalars
+  grad = grad * clip_scale.astype(grad.dtype)
+  mu = (1 - b1) * grad + b1 * mu
+  nu = (1 - b2) * (grad * grad) + b2 * nu
+  direction = mu * inv_correction_1 / (jnp.sqrt(nu * inv_correction_2) + eps)
+  param = param + step_size * direction
+  return param, mu, nu, decay * ema + (1.0 - decay) * param
+
+
 def adam_ema_update(state: 'TrainState', grads: Any, grad_norm: Array,
                     optim: ml_collections.ConfigDict) -> Tuple[Any, Any, Any]:
   """`make_optimizer`'s update, then the EMA, in one pass over each parameter.
@@ -95,17 +107,14 @@ def adam_ema_update(state: 'TrainState', grads: Any, grad_norm: Array,
   inv_correction_2 = 1.0 / (1.0 - jnp.float32(optim.beta2) ** count)
   step_size = -learning_rate_schedule(optim)(schedule_state.count)
   decay = ema_decay_at(state.step, optim)
-  b1, b2, eps = optim.beta1, optim.beta2, optim.eps
-
-  def update(param, grad, mu, nu, ema):
-    grad = grad * clip_scale.astype(grad.dtype)
-    mu = (1 - b1) * grad + b1 * mu
-    nu = (1 - b2) * (grad * grad) + b2 * nu
-    direction = mu * inv_correction_1 / (jnp.sqrt(nu * inv_correction_2) + eps)
-    param = param + step_size * direction
-    return param, mu, nu, decay * ema + (1.0 - decay) * param
-
-  per_leaf = jax.tree.map(update, state.params, grads, adam.mu, adam.nu, state.ema_params)
+  scalars = (clip_scale, inv_correction_1, inv_correction_2, step_size, decay)
+  # A nested jit, traced once per distinct parameter shape (not once for
+  # each of the U-Net's 328 leaves), which cuts the training step's tracing
+  # time; XLA inlines it, so the compiled program is the same.
+  update = jax.jit(functools.partial(_adam_ema_leaf_update, b1=optim.beta1, b2=optim.beta2,
+                                     eps=optim.eps))
+  per_leaf = jax.tree.map(lambda *leaves: update(*leaves, scalars),
+                          state.params, grads, adam.mu, adam.nu, state.ema_params)
   params, mu, nu, ema = jax.tree.transpose(
       jax.tree.structure(state.params), jax.tree.structure((0, 0, 0, 0)), per_leaf)
   adam = adam._replace(count=count, mu=mu, nu=nu)
