@@ -15,7 +15,8 @@ from ddpm_jax.models import unet_from_config
 import flax.linen as nn
 
 from ddpm_jax.models import unet
-from ddpm_jax.models.unet import GroupNorm, UNet, timestep_embedding, upsample_nearest2x
+from ddpm_jax.models.unet import (GroupNorm, UNet, timestep_embedding, upsample2x_conv3x3,
+                                  upsample_nearest2x)
 
 # A tiny model (ch 32, two levels, attention at 8x8) keeps compiled tests fast.
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
@@ -242,6 +243,31 @@ def test_timestep_embedding_closed_form():
   np.testing.assert_allclose(emb[:, 127], np.cos(tf * 1e-4), atol=1e-6)
   freq_1 = math.exp(-math.log(10000.0) / 63)
   np.testing.assert_allclose(emb[:, 1], np.sin(tf * freq_1), atol=5e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 8), (1, 7, 5, 16), (3, 1, 2, 4)])
+def test_upsample_conv_equals_conv_of_the_upsampled_image(shape):
+  keys = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(keys[0], shape)
+  kernel = jax.random.normal(keys[1], (3, 3, shape[-1], 6))
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(upsample_nearest2x(x), kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+  want = reference(x, kernel)
+  got = upsample2x_conv3x3(x, kernel)
+  assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], 6)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+  # Its gradients too: the training step differentiates through it.
+  cotangent = jax.random.normal(keys[2], want.shape)
+  grad = lambda f: jax.grad(lambda x, k: jnp.sum(f(x, k) * cotangent), (0, 1))(x, kernel)
+  for g, expected in zip(grad(upsample2x_conv3x3), grad(reference)):
+    np.testing.assert_allclose(g, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
+  # bfloat16 compute: output dtype, and still the same function (to bf16 precision).
+  low = upsample2x_conv3x3(x, kernel, dtype=jnp.bfloat16)
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), want, rtol=0,
+                             atol=0.03 * float(np.abs(want).max()))
 
 
 def test_upsample_nearest2x_matches_repeat():

