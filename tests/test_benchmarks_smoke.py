@@ -63,6 +63,10 @@ def test_rows_hold_positive_measurements(report):
       assert _positive(rows[name][key]), (name, key, rows[name][key])
   assert _positive(rows["flops"]["limit_flops_per_s"])
   assert _positive(rows["flops"]["forward_jax_fraction"])
+  # FLOP/s use the network's FLOPs as defined (the quick model has no
+  # upsampling layer, where ddpm-jax would execute fewer).
+  for name in ("train_step", "forward"):
+    assert rows[name]["flops_per_image"] >= rows[name]["executed_flops_per_image"] > 0, name
   for key in ("chain_s", "bare_forwards_s", "diffusers_s", "speedup_vs_diffusers"):
     assert _positive(rows["sampling"][key]), key
   assert _positive(rows["bpd"]["fraction_of_forward"])
@@ -132,6 +136,21 @@ def test_peak_memory_sees_an_allocation():
     block = np.ones(32 * 1024 * 1024 // 4, np.float32)  # 32 MiB, every page touched
     del block
   assert mem.result["workload_mib"] >= 30
+
+
+def test_model_flops_count_the_upsampling_convolution_as_defined():
+  # Two levels: one upsampling layer, 4x4 -> 8x8 at 64 channels. XLA counts
+  # the multiply-adds of the taps that fall inside the image. As defined the
+  # layer is a 3x3 convolution of the 8x8 upsampled image: 22 valid
+  # (output, tap) pairs per axis, 22**2 per channel pair. ddpm-jax runs four
+  # 2x2 convolutions at 4x4, each with 7 valid pairs per axis (4 * 7**2),
+  # plus 20 additions of [64, 64] kernel taps to build them.
+  config = workloads.cifar_config(dict(quick=True))
+  config.model.ch_mult = (1, 2)
+  batch, channels = 2, 2 * config.model.ch
+  forward = workloads.JaxForward(config, batch)
+  saved = 2 * batch * (22**2 - 4 * 7**2) * channels**2 - 20 * channels**2
+  assert forward.cost["model_flops"] - forward.cost["flops"] == saved
 
 
 def test_bfloat16_runs_both_networks_in_bfloat16():
