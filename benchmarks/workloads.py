@@ -195,7 +195,8 @@ def _model_flops(lower: Callable[[], Any]) -> float:
   written, which is what PyTorch runs. FLOP/s against the machine's limit
   use these model FLOPs for both frameworks (as model-FLOPs utilisation
   does), so the row compares useful work per second. `lower` must build a
-  fresh jit (a cached trace would keep the fast formulation).
+  fresh jit (a cached trace would keep the fast formulation). Only row 3
+  needs it: it costs one more trace and lowering.
   """
   from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
   fast = unet.upsample2x_conv3x3
@@ -235,10 +236,13 @@ class JaxTrain:
     t2 = time.perf_counter()
     self.compile_s = dict(trace_lower_s=t1 - t0, compile_s=t2 - t1)
     self.cost = _cost(lowered, self.compiled)
-    self.cost['model_flops'] = _model_flops(lambda: jax.jit(
-        functools.partial(ts.train_steps, diffusion=d, config=config)).lower(
-            self.state, self.batches, self.key))
+    self._step_fn = functools.partial(ts.train_steps, diffusion=d, config=config)
     self.batch = batch
+
+  def model_flops(self) -> float:
+    """The step's FLOPs with the network as defined (see `_model_flops`)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return _model_flops(lambda: jax.jit(self._step_fn).lower(self.state, self.batches, self.key))
 
   def __call__(self) -> None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -266,9 +270,14 @@ class JaxForward:
     self.compiled = lowered.compile()
     self.compile_s = dict(trace_lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
     self.cost = _cost(lowered, self.compiled)
-    self.cost['model_flops'] = _model_flops(lambda: jax.jit(
-        lambda p, x, t: self.model.apply({'params': p}, x, t, train=False)).lower(params, x, t))
     self.batch = batch
+
+  def model_flops(self) -> float:
+    """The forward pass's FLOPs with the network as defined (see `_model_flops`)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return _model_flops(lambda: jax.jit(
+        lambda p, x, t: self.model.apply({'params': p}, x, t, train=False)).lower(
+            self.params, self.x, self.t))
 
   def model_fn(self, params):
     return lambda x, t: self.model.apply({'params': params}, x, t, train=False)
@@ -420,20 +429,22 @@ def task_pair(spec: Spec) -> Result:
                                   repeats=spec['repeats'], warmup=spec['warmup'],
                                   min_seconds=spec['min_seconds'])
   out = dict(batch=batch, model=_model_summary(config, jax_train), torch_adam=torch_train.adam,
-             train=dict(timing=train, jax_cost=jax_train.cost, jax_compile=jax_train.compile_s))
+             train=dict(timing=train, jax_cost=jax_train.cost, jax_compile=jax_train.compile_s,
+                        model_flops=jax_train.model_flops()))
   del jax_train, torch_train
   common.release_free_memory()
   jax_fwd, torch_fwd = JaxForward(config, batch), TorchForward(config, batch)
   forward = common.time_interleaved({'jax': jax_fwd, 'torch': torch_fwd},
                                     repeats=spec['repeats'], warmup=spec['warmup'],
                                     min_seconds=spec['min_seconds'])
-  out['forward'] = dict(timing=forward, jax_cost=jax_fwd.cost, jax_compile=jax_fwd.compile_s)
+  out['forward'] = dict(timing=forward, jax_cost=jax_fwd.cost, jax_compile=jax_fwd.compile_s,
+                        model_flops=jax_fwd.model_flops())
   for name, rows in (('train', train), ('forward', forward)):
     out[name]['jax_images_per_s'] = _rate(batch, rows['jax'])
     out[name]['torch_images_per_s'] = _rate(batch, rows['torch'])
     out[name]['ratio'] = out[name]['jax_images_per_s'] / out[name]['torch_images_per_s']
     out[name]['jax_flops_per_image'] = out[name]['jax_cost'].get('flops', float('nan')) / batch
-    out[name]['model_flops_per_image'] = out[name]['jax_cost'].get('model_flops', float('nan')) / batch
+    out[name]['model_flops_per_image'] = out[name]['model_flops'] / batch
   out['load'] = common.merge_loads([train['jax']['load'], forward['jax']['load']])
   return out
 

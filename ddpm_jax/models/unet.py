@@ -323,6 +323,7 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, dtype: Dtype = None) -> 
   """
   b, h, w, _ = x.shape
   dtype = dtype or x.dtype
+  x = x.astype(dtype)
 
   def phase_kernel(a, a2):  # [2, 2, C_in, C_out], with plain adds (no matmul precision)
     return jnp.stack([jnp.stack([sum(kernel[i, j] for i in _PHASE_ROWS[a][r]
@@ -333,7 +334,7 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, dtype: Dtype = None) -> 
   for a in (0, 1):
     # Phase a's window covers input rows (i - 1, i) for a = 0, (i, i + 1) for a = 1.
     phases = [jax.lax.conv_general_dilated(
-        x.astype(dtype), phase_kernel(a, a2).astype(dtype), (1, 1),
+        x, phase_kernel(a, a2).astype(dtype), (1, 1),
         ((1 - a, a), (1 - a2, a2)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
               for a2 in (0, 1)]
     rows.append(jnp.stack(phases, axis=3))               # [B, H, W, 2 (a'), C_out]
