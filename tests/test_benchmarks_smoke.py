@@ -144,12 +144,12 @@ def test_model_flops_count_the_upsampling_convolution_as_defined():
   # layer is a 3x3 convolution of the 8x8 upsampled image: 22 valid
   # (output, tap) pairs per axis, 22**2 per channel pair. ddpm-jax runs four
   # 2x2 convolutions at 4x4, each with 7 valid pairs per axis (4 * 7**2),
-  # plus 20 additions of [64, 64] kernel taps to build them.
+  # plus the [16, 9] x [9, 64 * 64] matmul that builds their taps.
   config = workloads.cifar_config(dict(quick=True))
   config.model.ch_mult = (1, 2)
   batch, channels = 2, 2 * config.model.ch
   forward = workloads.JaxForward(config, batch)
-  saved = 2 * batch * (22**2 - 4 * 7**2) * channels**2 - 20 * channels**2
+  saved = 2 * batch * (22**2 - 4 * 7**2) * channels**2 - 2 * 16 * 9 * channels**2
   assert forward.model_flops() - forward.cost["flops"] == saved
 
 
