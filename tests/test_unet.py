@@ -388,3 +388,50 @@ def test_dense_layers_gradient_equals_autodiff(shape, dtype):
   tol = 1e-6 if dtype == jnp.float32 else 1e-2
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=0, atol=tol * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("shape,features", [((2, 4, 4, 8), 6), ((1, 8, 8, 16), 16),
+                                            ((3, 2, 6, 4), 5), ((1, 1, 1, 3), 2),
+                                            ((2, 16, 16, 8), 8)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv3x3_gradients_equal_autodiff(shape, features, dtype):
+  # The U-Net's stride-1 3x3 convolutions have a hand-written backward pass
+  # (unet._conv3x3_same: on CPU, images of at most 64 positions take their
+  # input gradient from a matmul); values and gradients must be nn.Conv's.
+  keys = jax.random.split(jax.random.key(5), 4)
+  x = jax.random.normal(keys[0], shape)
+  ours = unet._conv3x3(features, dtype, jnp.float32, "conv")
+  plain = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype)
+  variables = {"params": {"kernel": jax.random.normal(keys[1], (3, 3, shape[-1], features)),
+                          "bias": jax.random.normal(keys[2], (features,))}}
+  np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
+  cotangent = jax.random.normal(keys[3], shape[:3] + (features,))
+  grad = lambda m: jax.jit(jax.grad(
+      lambda v, x: jnp.sum(m.apply(v, x).astype(jnp.float32) * cotangent), (0, 1)))(variables, x)
+  got, want = grad(ours), grad(plain)
+  assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=tol * float(np.abs(w).max()))
+  # On CPU, small images skip the input gradient's convolution (the
+  # compiled gradient keeps only the kernel gradient's); larger ones keep it.
+  def convolutions(m):
+    loss = lambda v, x: jnp.sum(m.apply(v, x) * cotangent)
+    return jax.jit(jax.grad(loss, (0, 1))).lower(variables, x).compile().as_text().count(
+        " convolution(")
+  small = shape[1] * shape[2] <= unet._SMALL_IMAGE_POSITIONS
+  assert convolutions(ours) == convolutions(plain) - small == 2 - small
+
+
+def test_other_convolutions_go_to_lax_unchanged():
+  # Strided or differently padded convolutions keep lax's own gradient.
+  keys = jax.random.split(jax.random.key(6), 3)
+  x = jax.random.normal(keys[0], (2, 8, 8, 4))
+  for strides, padding in [(2, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1))), (1, "SAME")]:
+    ours = unet._conv3x3(5, jnp.float32, jnp.float32, "conv", strides=strides, padding=padding)
+    plain = nn.Conv(5, (3, 3), strides=(strides, strides), padding=padding)
+    variables = plain.init(keys[1], x)
+    np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
+    grad = lambda m: jax.grad(lambda v: jnp.sum(m.apply(v, x) ** 2))(variables)
+    for g, w in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(plain))):
+      np.testing.assert_array_equal(g, w)
