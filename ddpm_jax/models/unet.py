@@ -219,6 +219,10 @@ def _conv3x3_same_bwd(precision, residuals, g):
 
 _conv3x3_same.defvjp(_conv3x3_same_fwd, _conv3x3_same_bwd)
 
+# Traced once per distinct shape rather than at each of the U-Net's layers
+# (as `group_norm`); XLA inlines it.
+_conv3x3_same_jit = jax.jit(_conv3x3_same, static_argnums=2)
+
 
 def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
@@ -231,7 +235,7 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       and feature_group_count == 1 and not other
       and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   if plain:
-    return _conv3x3_same(lhs, rhs, precision)
+    return _conv3x3_same_jit(lhs, rhs, precision)
   return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                       rhs_dilation, dimension_numbers, feature_group_count,
                                       precision=precision, **other)
