@@ -187,26 +187,31 @@ def _textbook_upsample_conv(x, kernel, dtype=None):
 
 
 def _model_flops(lower: Callable[[], Any]) -> float:
-  """FLOPs of the network as defined: XLA's count of a lowering with textbook upsampling.
+  """FLOPs of the network as defined: XLA's count of a lowering with textbook layers.
 
   ddpm-jax computes each upsampling convolution at the input resolution
   (`unet.upsample2x_conv3x3`, 16 instead of 36 multiply-adds per pixel and
   channel pair), so its program executes fewer FLOPs than the network as
-  written, which is what PyTorch runs. FLOP/s against the machine's limit
-  use these model FLOPs for both frameworks (as model-FLOPs utilisation
-  does), so the row compares useful work per second. `lower` must build a
-  fresh jit (a cached trace would keep the fast formulation). Only row 3
-  needs it: it costs one more trace and lowering.
+  written, which is what PyTorch runs; and on CPU the input gradient of its
+  convolutions on small images is a matmul that also computes the taps
+  falling on the zero padding (`unet._conv3x3_same`), which XLA's count of
+  a convolution leaves out. FLOP/s against the machine's limit use these
+  model FLOPs for both frameworks (as model-FLOPs utilisation does), so the
+  row compares useful work per second. `lower` must build a fresh jit (a
+  cached trace would keep the fast formulations). Only row 3 needs it: it
+  costs one more trace and lowering.
   """
+  import jax  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
-  fast = unet.upsample2x_conv3x3
+  fast_upsample, fast_conv = unet.upsample2x_conv3x3, unet._conv_general_dilated  # pylint: disable=protected-access
   unet.upsample2x_conv3x3 = _textbook_upsample_conv
+  unet._conv_general_dilated = jax.lax.conv_general_dilated  # pylint: disable=protected-access
   try:
     cost = lower().cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return float('nan')
   finally:
-    unet.upsample2x_conv3x3 = fast
+    unet.upsample2x_conv3x3, unet._conv_general_dilated = fast_upsample, fast_conv  # pylint: disable=protected-access
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get('flops', float('nan')))
