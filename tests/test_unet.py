@@ -366,6 +366,18 @@ def test_group_norm_bf16_output_with_float32_statistics():
   np.testing.assert_allclose(np.asarray(y, np.float32).std(), 1.0, atol=0.05)
 
 
+def _assert_same_values_and_gradients(ours, plain, variables, x, cotangent, dtype):
+  """`ours` computes `plain`'s function: values bitwise, gradients to the dtype's precision."""
+  np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
+  grad = lambda m: jax.jit(jax.grad(
+      lambda v, x: jnp.sum(m.apply(v, x).astype(jnp.float32) * cotangent), (0, 1)))(variables, x)
+  got, want = grad(ours), grad(plain)
+  assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=tol * float(np.abs(w).max()))
+
+
 @pytest.mark.parametrize("shape", [(4, 16), (2, 8, 24), (2, 4, 4, 16)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_layers_gradient_equals_autodiff(shape, dtype):
@@ -379,15 +391,8 @@ def test_dense_layers_gradient_equals_autodiff(shape, dtype):
   variables = {"params": {"kernel": variables["params"]["kernel"],
                           "bias": jax.random.normal(keys[2], (8,))}}
   assert ours.dot_general is unet._dense_dot_general
-  np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
   cotangent = jax.random.normal(keys[0], shape[:-1] + (8,))
-  grad = lambda m: jax.jit(jax.grad(
-      lambda v, x: jnp.sum(m.apply(v, x).astype(jnp.float32) * cotangent), (0, 1)))(variables, x)
-  got, want = grad(ours), grad(plain)
-  assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
-  tol = 1e-6 if dtype == jnp.float32 else 1e-2
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=0, atol=tol * float(np.abs(w).max()))
+  _assert_same_values_and_gradients(ours, plain, variables, x, cotangent, dtype)
 
 
 @pytest.mark.parametrize("shape,features", [((2, 4, 4, 8), 6), ((1, 8, 8, 16), 16),
@@ -404,15 +409,8 @@ def test_conv3x3_gradients_equal_autodiff(shape, features, dtype):
   plain = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype)
   variables = {"params": {"kernel": jax.random.normal(keys[1], (3, 3, shape[-1], features)),
                           "bias": jax.random.normal(keys[2], (features,))}}
-  np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
   cotangent = jax.random.normal(keys[3], shape[:3] + (features,))
-  grad = lambda m: jax.jit(jax.grad(
-      lambda v, x: jnp.sum(m.apply(v, x).astype(jnp.float32) * cotangent), (0, 1)))(variables, x)
-  got, want = grad(ours), grad(plain)
-  assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
-  tol = 1e-6 if dtype == jnp.float32 else 1e-2
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=0, atol=tol * float(np.abs(w).max()))
+  _assert_same_values_and_gradients(ours, plain, variables, x, cotangent, dtype)
   # On CPU, small images skip the input gradient's convolution (the
   # compiled gradient keeps only the kernel gradient's); larger ones keep it.
   def convolutions(m):
