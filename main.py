@@ -30,10 +30,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Once, before JAX starts: malloc with transparent huge pages, which XLA:CPU's
+  # per-step temporaries need to avoid re-faulting 4 KiB pages every step.
+  from ddpm_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_huge_pages()
   # Imported after flag parsing so `--help` answers without starting JAX or TF.
   from ddpm_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.initialize(_WORKDIR.value)
   config = _CONFIG.value
+  logging.info('%s=%s', host_memory.TUNABLES_ENV, os.environ.get(host_memory.TUNABLES_ENV, ''))
   logging.info('Config:\n%s', config)
   if _MODE.value == 'train':
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top

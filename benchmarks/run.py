@@ -54,6 +54,9 @@ sys.path.insert(0, BENCH_DIR)
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+sys.path.insert(0, ROOT)
+from ddpm_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 WORKLOADS = os.path.join(BENCH_DIR, 'workloads.py')
 REQUIREMENTS = os.path.join(BENCH_DIR, 'requirements.txt')
 PEER_REQUIREMENTS = os.path.join(ROOT, 'requirements-peers.txt')
@@ -153,13 +156,24 @@ def wait_for_quiet(max_foreign: float, max_wait_s: float) -> Optional[float]:
     time.sleep(2.0)
 
 
+def worker_environment() -> Dict[str, str]:
+  """The workers' environment: both frameworks run as main.py runs training.
+
+  That is, with malloc's transparent huge pages where the machine has them
+  (ddpm_jax/host_memory.py). Both frameworks share each worker process, so
+  they share the setting too.
+  """
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONWARNINGS='ignore')
+  return host_memory.environment_with_huge_pages(env) or env
+
+
 def run_worker(tasks: List[str], spec: Dict[str, Any], verbose: bool) -> Dict[str, Any]:
   """Runs tasks in a fresh worker process; returns {task: result}."""
   with tempfile.TemporaryDirectory(prefix='ddpm_bench_') as tmp:
     result_path = os.path.join(tmp, 'result.json')
     cmd = [sys.executable, WORKLOADS, '--tasks', ','.join(tasks), '--spec', json.dumps(spec),
            '--result', result_path]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONWARNINGS='ignore')
+    env = worker_environment()
     if spec['quick']:
       # The smoke run times nothing that matters: compile fast.
       env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + QUICK_XLA_FLAGS).strip()
@@ -540,6 +554,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   info = next((r['info'] for r in raw.values() if isinstance(r, dict) and r.get('info')), {})
   meta = dict(machine=_machine(), backend=info.get('backend'), info=info, versions=versions,
               python=platform.python_version(), argv=sys.argv[1:],
+              glibc_tunables=worker_environment().get(host_memory.TUNABLES_ENV, ''),
               started_utc=started.isoformat(timespec='seconds'),
               finished_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec='seconds'),
