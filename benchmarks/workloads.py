@@ -548,12 +548,21 @@ def task_sampling(spec: Spec) -> Result:
     with _torch_autocast(config):
       return pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
                   num_inference_steps=steps, output_type='np')
-  # The chain's overhead: against the same number of bare forward passes.
-  bare = common.time_interleaved({'forward': fwd}, repeats=max(spec['repeats'], 5),
-                                 warmup=spec['warmup'] + 2, min_seconds=spec['min_seconds'] or 0.5)
+  # The chain's overhead: against the same number of bare forward passes,
+  # timed in turns with the chains (a sample of up to 250 calls between them),
+  # so that the machine's drift over minutes does not enter the ratio.
+  bare_calls = min(steps, 250)
+  def run_bare():
+    for _ in range(bare_calls):
+      fwd()
+  for _ in range(spec['warmup'] + 2):
+    fwd()
   # Chains of seconds or more, compiled ahead of time: no warm-up call.
-  full = common.time_interleaved({'jax': run_chain, 'diffusers': run_pipe},
+  full = common.time_interleaved({'jax': run_chain, 'diffusers': run_pipe, 'bare': run_bare},
                                  repeats=spec['sample_repeats'], warmup=0)
+  bare_samples = full.pop('bare')
+  bare = {'forward': dict(common.summarize([t / bare_calls for t in bare_samples['times_s']]),
+                          calls_per_sample=bare_calls, load=bare_samples['load'])}
   bare_total = bare['forward']['median_s'] * steps
   chain_s = full['jax']['median_s']
   return dict(
