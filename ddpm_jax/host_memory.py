@@ -11,8 +11,9 @@ for transparent huge pages (`madvise`), and the same block then arrives in
 (README, Performance). PyTorch's step, which reuses its heap, is unchanged.
 
 glibc reads $GLIBC_TUNABLES only when a process starts, so main.py calls
-`reexec_with_huge_pages()` first thing: it re-executes the same command once
-with the tunable added, before JAX or TensorFlow is imported. Library users
+`reexec_with_huge_pages()` as soon as its flags are parsed: it re-executes
+the same command once with the tunable added, before JAX or TensorFlow is
+imported. Library users
 set it themselves: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python script.py`.
 Set $DDPM_JAX_HUGE_PAGES=0 to opt out. Nothing here imports JAX.
 """
@@ -88,13 +89,13 @@ def reexec_with_huge_pages() -> None:
   """Re-executes this Python command once with the tunable set (see the module doc).
 
   Returns without doing anything when `environment_with_huge_pages` says there
-  is nothing to gain, which is also the case in the re-executed process. Call
-  it before starting threads or opening files that the new process would not
-  inherit: it replaces the process (same pid, arguments and interpreter
-  options).
+  is nothing to gain, which is also the case in the re-executed process, or
+  when the interpreter's path is unknown. It replaces the process (same pid,
+  arguments and interpreter options), so call it before any work the new
+  process would have to do again.
   """
   env = environment_with_huge_pages(os.environ)
-  if env is None:
+  if env is None or not sys.executable:
     return
   sys.stdout.flush()
   sys.stderr.flush()
