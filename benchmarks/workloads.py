@@ -27,7 +27,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (ROOT, os.path.join(ROOT, 'tests'), os.path.dirname(os.path.abspath(__file__))):
@@ -514,6 +514,30 @@ def task_peak(spec: Spec) -> Result:
               timing=timing, load=next(iter(timing.values()))['load'])
 
 
+def _time_against_bare_forwards(fwd: 'JaxForward', long_runs: Mapping[str, Callable[[], Any]],
+                                *, forwards: int, spec: Spec) -> Tuple[Result, Result]:
+  """Times runs of `forwards` forward passes each (a chain, the bound) against bare ones.
+
+  The bare forward passes are timed in turns with the long runs, a sample of
+  up to 250 calls between them, so that the machine's drift over the
+  minutes the long runs take enters both sides alike. Returns the long runs'
+  timings and the bare forward pass's, per call.
+  """
+  calls = min(forwards, 250)
+  def run_bare():
+    for _ in range(calls):
+      fwd()
+  for _ in range(spec['warmup'] + 2):
+    fwd()
+  # Long runs, compiled ahead of time: no warm-up call.
+  timing = common.time_interleaved(dict(long_runs, bare=run_bare),
+                                   repeats=spec['sample_repeats'], warmup=0)
+  bare = timing.pop('bare')
+  per_call = dict(common.summarize([t / calls for t in bare['times_s']]),
+                  calls_per_sample=calls, load=bare['load'])
+  return timing, per_call
+
+
 def task_sampling(spec: Spec) -> Result:
   """Row 4: the scan-compiled chain vs T bare forwards; 16 images vs DDPMPipeline."""
   jax = _jax_setup(spec)
@@ -548,34 +572,22 @@ def task_sampling(spec: Spec) -> Result:
     with _torch_autocast(config):
       return pipe(batch_size=batch, generator=torch.Generator().manual_seed(0),
                   num_inference_steps=steps, output_type='np')
-  # The chain's overhead: against the same number of bare forward passes,
-  # timed in turns with the chains (a sample of up to 250 calls between them),
-  # so that the machine's drift over minutes does not enter the ratio.
-  bare_calls = min(steps, 250)
-  def run_bare():
-    for _ in range(bare_calls):
-      fwd()
-  for _ in range(spec['warmup'] + 2):
-    fwd()
-  # Chains of seconds or more, compiled ahead of time: no warm-up call.
-  full = common.time_interleaved({'jax': run_chain, 'diffusers': run_pipe, 'bare': run_bare},
-                                 repeats=spec['sample_repeats'], warmup=0)
-  bare_samples = full.pop('bare')
-  bare = {'forward': dict(common.summarize([t / bare_calls for t in bare_samples['times_s']]),
-                          calls_per_sample=bare_calls, load=bare_samples['load'])}
-  bare_total = bare['forward']['median_s'] * steps
+  # The chain's overhead: against the same number of bare forward passes.
+  full, forward = _time_against_bare_forwards(
+      fwd, {'jax': run_chain, 'diffusers': run_pipe}, forwards=steps, spec=spec)
+  bare_total = forward['median_s'] * steps
   chain_s = full['jax']['median_s']
   return dict(
       batch=batch, steps=steps, num_timesteps=num_t, model=dict(
           image_shape=list(image_shape(config)), ch=config.model.ch,
           ch_mult=list(config.model.ch_mult), attn_resolutions=list(config.model.attn_resolutions)),
-      forward_s=bare['forward']['median_s'], bare_forwards_s=bare_total,
+      forward_s=forward['median_s'], bare_forwards_s=bare_total,
       chain_s=chain_s, chain_compile_s=chain_compile_s,
       chain_overhead=chain_s / bare_total - 1.0,
       diffusers_s=full['diffusers']['median_s'],
       speedup_vs_diffusers=full['diffusers']['median_s'] / chain_s,
-      timing=dict(bare=bare, full=full),
-      load=common.merge_loads([bare['forward']['load'], full['jax']['load']]))
+      timing=dict(bare={'forward': forward}, full=full),
+      load=common.merge_loads([forward['load'], full['jax']['load']]))
 
 
 def task_bpd(spec: Spec) -> Result:
@@ -592,18 +604,16 @@ def task_bpd(spec: Spec) -> Result:
   bpd = jax.jit(lambda p, x0, key: likelihood.calc_bpd_loop(d, model_fn(p), x0, key))
   bpd = bpd.lower(fwd.params, x0, jax.random.key(0)).compile()
   run_bpd = lambda: jax.block_until_ready(bpd(fwd.params, x0, jax.random.key(0)))
-  bare = common.time_interleaved({'forward': fwd}, repeats=max(spec['repeats'], 5),
-                                 warmup=spec['warmup'] + 2, min_seconds=spec['min_seconds'] or 0.5)
-  loop = common.time_interleaved({'bpd': run_bpd}, repeats=spec['sample_repeats'], warmup=0)
   num_t = d.num_timesteps
-  fwd_ips = batch / bare['forward']['median_s']
+  loop, forward = _time_against_bare_forwards(fwd, {'bpd': run_bpd}, forwards=num_t, spec=spec)
+  fwd_ips = batch / forward['median_s']
   bpd_ips = batch / loop['bpd']['median_s']
   return dict(batch=batch, num_timesteps=num_t, bpd_images_per_s=bpd_ips,
               forward_images_per_s=fwd_ips,
               # Each image goes through T forward passes.
               fraction_of_forward=bpd_ips * num_t / fwd_ips,
-              timing=dict(bare=bare, loop=loop),
-              load=common.merge_loads([bare['forward']['load'], loop['bpd']['load']]))
+              timing=dict(bare={'forward': forward}, loop=loop),
+              load=common.merge_loads([forward['load'], loop['bpd']['load']]))
 
 
 def task_fashion_train(spec: Spec) -> Result:
