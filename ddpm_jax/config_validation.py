@@ -11,6 +11,7 @@ import ml_collections
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import generate
+from ddpm_jax import losses
 from ddpm_jax import schedules
 
 _RESIZE_METHODS = ('pad', 'resize', 'center_crop')
@@ -74,7 +75,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(problems, 'diffusion.beta_schedule', dc.beta_schedule, schedules.BETA_SCHEDULES)
   _choice(problems, 'diffusion.model_mean_type', dc.model_mean_type, diffusion_lib.MODEL_MEAN_TYPES)
   _choice(problems, 'diffusion.model_var_type', dc.model_var_type, diffusion_lib.MODEL_VAR_TYPES)
-  _choice(problems, 'diffusion.loss_type', dc.loss_type, diffusion_lib.LOSS_TYPES)
+  _choice(problems, 'diffusion.loss_type', dc.loss_type, losses.LOSS_TYPES)
   _positive(problems, 'diffusion.num_timesteps', dc.num_timesteps)
   if dc.loss_type == 'hybrid' and dc.model_var_type not in ('learned', 'learned_range'):
     problems.append("diffusion.loss_type='hybrid' needs model_var_type 'learned' or "

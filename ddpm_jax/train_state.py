@@ -16,6 +16,7 @@ import optax
 from flax.training import train_state
 
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import losses as losses_lib
 
 Array = jax.Array
 
@@ -178,7 +179,7 @@ def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
     def model_fn(x_t, timesteps):
       return state.apply_fn({'params': params}, x_t, timesteps, train=True,
                             rngs={'dropout': dropout_rng})
-    losses = diffusion_lib.training_losses(
+    losses = losses_lib.training_losses(
         diffusion, model_fn, images, t, noise, loss_type=dc.loss_type,
         model_mean_type=dc.model_mean_type, model_var_type=dc.model_var_type,
         vlb_weight=dc.vlb_weight,
