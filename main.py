@@ -9,14 +9,10 @@ Config fields can be overridden on the command line, e.g.
 is an error rather than a silently ignored flag.
 """
 
-import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TF is only the input pipeline here.
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
 MODES = ('train', 'sample', 'eval')
 
@@ -30,24 +26,20 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Once, before JAX starts: malloc with transparent huge pages, which XLA:CPU's
-  # per-step temporaries need to avoid re-faulting 4 KiB pages every step.
-  from ddpm_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_huge_pages()
-  # Imported after flag parsing so `--help` answers without starting JAX or TF.
-  from ddpm_jax import runtime  # pylint: disable=g-import-not-at-top
-  runtime.initialize(_WORKDIR.value)
+  # Imported after flag parsing, so `--help` answers without starting JAX or TF.
+  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import platform
+  platform.setup(_WORKDIR.value)  # May re-execute this process once (huge pages).
   config = _CONFIG.value
-  logging.info('%s=%s', host_memory.TUNABLES_ENV, os.environ.get(host_memory.TUNABLES_ENV, ''))
   logging.info('Config:\n%s', config)
   if _MODE.value == 'train':
-    from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import train
     train.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == 'sample':
-    from ddpm_jax import sample  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import sample
     sample.sample_and_save(config, _WORKDIR.value)
   else:
-    from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import evaluate
     evaluate.evaluate(config, _WORKDIR.value)
 
 

@@ -202,6 +202,20 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(choices)}.')
 
 
+def check_model_options(model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge',
+                        clip_denoised: bool = False) -> None:
+  """Raises ValueError, naming the valid choices, for a bad model-output option.
+
+  The one check of the options every sampler, loss and bound takes: what the
+  model predicts (`MODEL_MEAN_TYPES`), its variance (`MODEL_VAR_TYPES`) and
+  whether the predicted x_0 is clipped to [-1, 1].
+  """
+  if not isinstance(clip_denoised, (bool, np.bool_)):
+    raise ValueError(f'clip_denoised must be True or False, got {clip_denoised!r}.')
+  _check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
+  _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
+
+
 def _check_same_shape(**arrays: Array) -> None:
   shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
   if len(set(shapes.values())) > 1:

@@ -137,6 +137,7 @@ def calc_bpd_loop(d: diffusion_lib.Diffusion, model_fn: Callable[[Array, Array],
     'terms_bpd' [B, T] (L_{t-1} for t > 0 and L_0 at index 0), 'prior_bpd' [B]
     and 'mse' [B, T] (squared error of the predicted x_0 at each t).
   """
+  diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   batch = x0.shape[0]
 
   def one_term(carry, t_scalar):

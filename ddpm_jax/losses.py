@@ -17,11 +17,6 @@ Array = jax.Array
 LOSS_TYPES = ('mse', 'kl', 'hybrid')
 
 
-def _check_choice(name: str, value: str, choices) -> None:
-  if value not in choices:
-    raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(choices)}.')
-
-
 def _mean_flat(x: Array) -> Array:
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
@@ -71,9 +66,9 @@ def training_losses(d: diffusion_lib.Diffusion, model_fn: diffusion_lib.ModelFn,
   Returns:
     Losses [B].
   """
-  _check_choice('loss_type', loss_type, LOSS_TYPES)
-  _check_choice('model_mean_type', model_mean_type, diffusion_lib.MODEL_MEAN_TYPES)
-  _check_choice('model_var_type', model_var_type, diffusion_lib.MODEL_VAR_TYPES)
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f'Unknown loss_type {loss_type!r}; valid choices: {", ".join(LOSS_TYPES)}.')
+  diffusion_lib.check_model_options(model_mean_type, model_var_type)
   x_t = diffusion_lib.q_sample(d, x0, t, noise)
   model_output = model_fn(x_t, jnp.take(d.timestep_map, t))
   mean_out, var_out = diffusion_lib.split_model_output(model_output, x_t, model_var_type)

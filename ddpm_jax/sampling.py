@@ -40,6 +40,9 @@ Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
 
 DDIM_SKIP_TYPES = ('uniform', 'quad')
+# The samplers a config can name (`sampling.sampler`): all T ancestral steps,
+# ancestral steps on a respaced process, or DDIM.
+SAMPLERS = ('ddpm', 'respaced', 'ddim')
 
 
 # ---------------------------------------------------------------------------
@@ -81,18 +84,6 @@ def _check_nonnegative(name: str, value: Any) -> float:
   return value
 
 
-def _check_model_options(clip_denoised: Any, model_mean_type: str,
-                         model_var_type: str) -> None:
-  if not isinstance(clip_denoised, (bool, np.bool_)):
-    raise ValueError(f'clip_denoised must be True or False, got {clip_denoised!r}.')
-  if model_mean_type not in diffusion_lib.MODEL_MEAN_TYPES:
-    raise ValueError(f'Unknown model_mean_type {model_mean_type!r}; valid choices: '
-                     f'{", ".join(diffusion_lib.MODEL_MEAN_TYPES)}.')
-  if model_var_type not in diffusion_lib.MODEL_VAR_TYPES:
-    raise ValueError(f'Unknown model_var_type {model_var_type!r}; valid choices: '
-                     f'{", ".join(diffusion_lib.MODEL_VAR_TYPES)}.')
-
-
 def _check_rng(rng: Any) -> None:
   """A typed key (shape []) or a raw uint32 key (shape [2] for threefry)."""
   if not hasattr(rng, 'dtype') or not hasattr(rng, 'shape'):
@@ -105,6 +96,14 @@ def _check_rng(rng: Any) -> None:
     raise ValueError('rng must be a single PRNG key (jax.random.key(seed) or '
                      f'jax.random.PRNGKey(seed)), got dtype {rng.dtype} and shape '
                      f'{tuple(rng.shape)}; vmap over a batch of keys instead.')
+
+
+def check_sampler(name: str, num_steps: int, num_timesteps: int) -> None:
+  """Raises ValueError for a sampler name not in `SAMPLERS` or an impossible step count."""
+  if name not in SAMPLERS:
+    raise ValueError(f'Unknown sampler {name!r}; valid choices: {", ".join(SAMPLERS)}.')
+  if name != 'ddpm' and not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f'Sampler {name!r} needs 1 <= num_steps <= {num_timesteps}, got {num_steps}.')
 
 
 # ---------------------------------------------------------------------------
@@ -195,7 +194,7 @@ def p_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence
   _check_diffusion(d)
   shape = _check_shape(shape)
   _check_rng(rng)
-  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
                  model_var_type=model_var_type)
   init_key, noise_key = jax.random.split(rng)
@@ -231,7 +230,7 @@ def p_sample_loop_progressive(
   _check_diffusion(d)
   shape = _check_shape(shape)
   _check_rng(rng)
-  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   num_timesteps = d.num_timesteps
   every = _check_int_range('every', every, 1, num_timesteps)
   if num_timesteps % every:
@@ -322,7 +321,7 @@ def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Seque
   _check_diffusion(d)
   shape = _check_shape(shape)
   _check_rng(rng)
-  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   eta = _check_nonnegative('eta', eta)
   if skip not in DDIM_SKIP_TYPES:
     raise ValueError(f'Unknown skip {skip!r}; valid choices: {", ".join(DDIM_SKIP_TYPES)}.')
@@ -379,7 +378,7 @@ def respaced_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn,
   _check_diffusion(d)
   _check_shape(shape)
   _check_rng(rng)
-  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   num_steps = _check_int_range('num_steps', num_steps, 1, d.num_timesteps)
   # The tables are rebuilt from d's (static) schedule spec, so this also works
   # when d itself is a traced jit argument.
@@ -416,7 +415,7 @@ def interpolate(d: diffusion_lib.Diffusion, model_fn: ModelFn, x0_a: Array, x0_b
   """
   _check_diffusion(d)
   _check_rng(rng)
-  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   shape_a, shape_b = tuple(jnp.shape(x0_a)), tuple(jnp.shape(x0_b))
   if shape_a != shape_b or len(shape_a) < 2:
     raise ValueError(f'x0_a and x0_b must have the same shape [B, ...] with at least 2 '
@@ -481,7 +480,7 @@ def pc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequenc
   _check_diffusion(d)
   shape = _check_shape(shape)
   _check_rng(rng)
-  _check_model_options(clip_denoised, model_mean_type, model_var_type)
+  diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   if not _is_int(corrector_steps) or corrector_steps < 0:
     raise ValueError(f'corrector_steps must be an integer >= 0, got {corrector_steps!r}.')
   corrector_steps = int(corrector_steps)

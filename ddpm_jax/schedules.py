@@ -81,7 +81,7 @@ _SCHEDULES = {
 
 BETA_SCHEDULES = tuple(_SCHEDULES)
 # Schedules that read beta_start / beta_end; the others ignore them.
-_USES_RANGE = ('linear', 'quad', 'const', 'warmup10', 'warmup50')
+RANGE_SCHEDULES = ('linear', 'quad', 'const', 'warmup10', 'warmup50')
 
 
 def get_beta_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
@@ -105,7 +105,7 @@ def get_beta_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
                      f'{", ".join(BETA_SCHEDULES)}.')
   if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
     raise ValueError(f'num_timesteps must be a positive integer, got {num_timesteps!r}.')
-  if name in _USES_RANGE and not 0 < beta_start <= beta_end < 1:
+  if name in RANGE_SCHEDULES and not 0 < beta_start <= beta_end < 1:
     raise ValueError('The beta range must satisfy 0 < beta_start <= beta_end < 1, '
                      f'got beta_start={beta_start}, beta_end={beta_end}.')
   betas = _SCHEDULES[name](int(num_timesteps), float(beta_start), float(beta_end))

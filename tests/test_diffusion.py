@@ -17,7 +17,7 @@ import pytest
 
 from ddpm_jax import diffusion
 from ddpm_jax import likelihood
-from ddpm_jax import losses
+from ddpm_jax import losses as losses_lib
 
 T = 1000
 SHAPE = (5, 4, 4, 3)  # [B, H, W, C]
@@ -55,7 +55,7 @@ def _d64() -> diffusion.Diffusion:
 
 
 # Compiled once per model_fn: many eager ops cost more compile time than one jit.
-_jit_losses = jax.jit(losses.training_losses, static_argnums=1,
+_jit_losses = jax.jit(losses_lib.training_losses, static_argnums=1,
                       static_argnames=('loss_type', 'model_mean_type', 'model_var_type',
                                        'vlb_weight', 'min_snr_gamma'))
 
@@ -444,7 +444,7 @@ def _perfect_model(d, x0, noise, mean_type):
 def test_mse_of_perfect_model_is_zero(mean_type):
   d = diffusion.make_diffusion()
   x0, noise = _data(23)
-  losses = losses.training_losses(d, _perfect_model(d, x0, noise, mean_type), x0,
+  losses = losses_lib.training_losses(d, _perfect_model(d, x0, noise, mean_type), x0,
                                      jnp.asarray(T_MIX), noise, model_mean_type=mean_type)
   assert losses.shape == (SHAPE[0],)
   assert losses.dtype == jnp.float32
@@ -454,7 +454,7 @@ def test_mse_of_perfect_model_is_zero(mean_type):
 def test_mse_of_zero_model_is_mean_squared_noise():
   d = diffusion.make_diffusion()
   x0, noise = _data(24)
-  losses = losses.training_losses(d, lambda x, t: jnp.zeros_like(x), x0, jnp.asarray(T_MIX),
+  losses = losses_lib.training_losses(d, lambda x, t: jnp.zeros_like(x), x0, jnp.asarray(T_MIX),
                                      noise)
   expected = np.mean(np.square(np.asarray(noise)), axis=(1, 2, 3))
   np.testing.assert_allclose(losses, expected, rtol=1e-6)
@@ -508,7 +508,7 @@ def test_kl_loss_of_wrong_model_is_positive_kl():
   d = diffusion.make_diffusion()
   x0, noise = _data(27)
   t = jnp.asarray(T_MIX)
-  losses = losses.training_losses(d, lambda x, tt: jnp.zeros_like(x), x0, t, noise,
+  losses = losses_lib.training_losses(d, lambda x, tt: jnp.zeros_like(x), x0, t, noise,
                                      loss_type='kl', model_var_type='fixedlarge')
   x_t = diffusion.q_sample(d, x0, t, noise)
   true_mean, _, true_logvar = diffusion.q_posterior(d, x0, x_t, t)
@@ -524,7 +524,7 @@ def test_hybrid_needs_learned_variance(var_type):
   d = diffusion.make_diffusion()
   x0, noise = _data(28)
   with pytest.raises(ValueError, match="hybrid.*learned"):
-    losses.training_losses(d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise,
+    losses_lib.training_losses(d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise,
                               loss_type='hybrid', model_var_type=var_type)
 
 
@@ -542,7 +542,7 @@ def test_hybrid_gradient_reaches_mean_only_through_mse(x64, var_type):
   c = SHAPE[-1]
 
   def losses(p, loss_type):
-    return losses.training_losses(d, lambda x, tt: p, x0, t, noise, loss_type=loss_type,
+    return losses_lib.training_losses(d, lambda x, tt: p, x0, t, noise, loss_type=loss_type,
                                      model_var_type=var_type)
 
   @functools.partial(jax.jit, static_argnums=1)
@@ -571,8 +571,8 @@ def test_min_snr_gamma_weighting(x64, mean_type):
   x0, noise = _data(31, jnp.float64)
   t = jnp.asarray(np.array([0, 50, 200, 400, 999], dtype=np.int32))
   zero_model = lambda x, tt: jnp.zeros_like(x)
-  plain = losses.training_losses(d, zero_model, x0, t, noise, model_mean_type=mean_type)
-  weighted = losses.training_losses(d, zero_model, x0, t, noise, model_mean_type=mean_type,
+  plain = losses_lib.training_losses(d, zero_model, x0, t, noise, model_mean_type=mean_type)
+  weighted = losses_lib.training_losses(d, zero_model, x0, t, noise, model_mean_type=mean_type,
                                        min_snr_gamma=5.0)
   ac = REF_AC[np.asarray(t)]
   snr = ac / (1 - ac)
@@ -587,7 +587,7 @@ def test_min_snr_gamma_rejects_xprev():
   d = diffusion.make_diffusion()
   x0, noise = _data(32)
   with pytest.raises(ValueError, match='min-SNR'):
-    losses.training_losses(d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise,
+    losses_lib.training_losses(d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise,
                               model_mean_type='xprev', min_snr_gamma=5.0)
 
 
@@ -601,7 +601,7 @@ def test_model_fn_receives_mapped_timesteps():
     return jnp.zeros_like(x_t)
 
   t = jnp.asarray(np.array([0, 1, 3, 5, 9], dtype=np.int32))
-  losses = losses.training_losses(d, model_fn, x0, t, noise)
+  losses = losses_lib.training_losses(d, model_fn, x0, t, noise)
   assert losses.shape == (SHAPE[0],)
   assert len(seen) == 1
   np.testing.assert_array_equal(seen[0], [0, 111, 333, 555, 999])
@@ -611,12 +611,12 @@ def test_model_fn_receives_mapped_timesteps():
                              diffusion.q_sample(full, x0, jnp.asarray(seen[0]), noise), atol=1e-6)
 
 
-@pytest.mark.parametrize('loss_type', losses.LOSS_TYPES)
+@pytest.mark.parametrize('loss_type', losses_lib.LOSS_TYPES)
 def test_losses_shape_and_finite(loss_type):
   d = diffusion.make_diffusion()
   x0 = jnp.asarray(_grid_x0(34), jnp.float32)
   _, noise = _data(34)
-  losses = losses.training_losses(
+  losses = losses_lib.training_losses(
       d, lambda x, t: jnp.concatenate([0.1 * x, jnp.zeros_like(x)], -1), x0,
       jnp.asarray(T_MIX), noise, loss_type=loss_type, model_var_type='learned_range')
   assert losses.shape == (SHAPE[0],)
@@ -638,7 +638,7 @@ def test_functions_under_jit_match_eager():
   np.testing.assert_allclose(jax.jit(sample)(d, noise, x0, t, noise),
                              sample(d, noise, x0, t, noise), rtol=1e-6, atol=1e-6)
   model_fn = lambda x, tt: jnp.concatenate([0.5 * x, jnp.zeros_like(x)], -1)
-  loss = functools.partial(losses.training_losses, loss_type='hybrid',
+  loss = functools.partial(losses_lib.training_losses, loss_type='hybrid',
                            model_var_type='learned_range')
   np.testing.assert_allclose(jax.jit(loss, static_argnums=1)(d, model_fn, x0, t, noise),
                              loss(d, model_fn, x0, t, noise), rtol=1e-5)
@@ -667,8 +667,8 @@ def test_float64_mode_outputs_float64(x64):
              diffusion.predict_x0_from_eps(d, x_t, t, noise), diffusion.score_from_eps(d, noise, t),
              diffusion.p_sample(d, noise, x_t, t, noise)]
   outputs += list(diffusion.p_mean_variance(d, noise, x_t, t).values())
-  for loss_type in losses.LOSS_TYPES:
-    outputs.append(jax.jit(losses.training_losses, static_argnums=1, static_argnames=(
+  for loss_type in losses_lib.LOSS_TYPES:
+    outputs.append(jax.jit(losses_lib.training_losses, static_argnums=1, static_argnames=(
         'loss_type', 'model_var_type'))(d, lambda x, tt: jnp.concatenate([x, x], -1), x0, t,
                                          noise, loss_type=loss_type,
                                          model_var_type='learned_range'))
@@ -721,7 +721,7 @@ def test_out_of_range_t_is_rejected_when_concrete(value):
   with pytest.raises(ValueError, match=r'\[0, 1000\)'):
     diffusion.q_sample(d, x0, t, noise)
   with pytest.raises(ValueError, match=r'\[0, 1000\)'):
-    losses.training_losses(d, lambda x, tt: x, x0, t, noise)
+    losses_lib.training_losses(d, lambda x, tt: x, x0, t, noise)
   # A respaced process has its own, shorter range.
   r = diffusion.respace(d, diffusion.space_timesteps(T, 10))
   with pytest.raises(ValueError, match=r'\[0, 10\)'):
@@ -754,7 +754,7 @@ def test_unknown_mean_or_var_type_lists_valid_choices(kwarg, choices):
   x0, x_t = _data(44)
   t = jnp.asarray(T_MIX)
   for fn in (lambda: diffusion.p_mean_variance(d, x0, x_t, t, **{kwarg: 'epsilon'}),
-             lambda: losses.training_losses(d, lambda x, tt: x, x0, t, x_t,
+             lambda: losses_lib.training_losses(d, lambda x, tt: x, x0, t, x_t,
                                                **{kwarg: 'epsilon'})):
     with pytest.raises(ValueError) as err:
       fn()
@@ -767,9 +767,9 @@ def test_unknown_loss_type_lists_valid_choices():
   d = diffusion.make_diffusion()
   x0, noise = _data(45)
   with pytest.raises(ValueError) as err:
-    losses.training_losses(d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise, loss_type='l2')
+    losses_lib.training_losses(d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise, loss_type='l2')
   assert "'l2'" in str(err.value)
-  assert all(choice in str(err.value) for choice in losses.LOSS_TYPES)
+  assert all(choice in str(err.value) for choice in losses_lib.LOSS_TYPES)
 
 
 @pytest.mark.parametrize('var_type', ['learned', 'learned_range'])
@@ -781,7 +781,7 @@ def test_learned_variance_needs_2c_channels(var_type, channels):
   with pytest.raises(ValueError, match=r'2\*C'):
     diffusion.p_mean_variance(d, output, x_t, jnp.asarray(T_MIX), model_var_type=var_type)
   with pytest.raises(ValueError, match=r'2\*C'):
-    losses.training_losses(d, lambda x, t: output, x0, jnp.asarray(T_MIX), x_t,
+    losses_lib.training_losses(d, lambda x, t: output, x0, jnp.asarray(T_MIX), x_t,
                               model_var_type=var_type)
 
 
@@ -793,5 +793,5 @@ def test_fixed_variance_rejects_2c_channels(var_type):
   with pytest.raises(ValueError, match='input shape'):
     diffusion.p_mean_variance(d, output, x_t, jnp.asarray(T_MIX), model_var_type=var_type)
   with pytest.raises(ValueError, match='input shape'):
-    losses.training_losses(d, lambda x, t: output, x0, jnp.asarray(T_MIX), x_t,
+    losses_lib.training_losses(d, lambda x, t: output, x0, jnp.asarray(T_MIX), x_t,
                               model_var_type=var_type)
