@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.resamp_with_conv = True
   model.dtype = 'float32'  # Compute dtype: 'bfloat16' on accelerators.
+  # Building blocks (ddpm_jax/models/layers.py): 'auto' picks by platform; 'reference' (plain
+  # flax layers) or 'fast' force a set. Every set has the same parameters and function.
+  model.layers = 'auto'
 
   # The diffusion process and objective (ddpm_jax/diffusion.py).
   config.diffusion = diffusion = ml_collections.ConfigDict()

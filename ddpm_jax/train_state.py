@@ -5,7 +5,6 @@ consecutive skipped (non-finite) steps. `train_step` is a pure function of
 (state, batch, rng); the loop in `ddpm_jax/train.py` jits it over the mesh.
 """
 
-import functools
 from typing import Any, Dict, Tuple
 
 import flax.linen as nn
@@ -17,6 +16,7 @@ from flax.training import train_state
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import losses as losses_lib
+from ddpm_jax.kernels import adam as adam_kernel
 
 Array = jax.Array
 
@@ -34,18 +34,14 @@ class TrainState(train_state.TrainState):
   nonfinite_in_a_row: Array
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   """Adam with linear warm-up to a constant rate and global-norm clipping.
 
-  This transformation defines the optimizer state and its initialisation;
-  `train_step` applies the same update (with the EMA) through
-  `adam_ema_update`, which tests check against this chain.
+  `kernels.adam.clipped_adam`: optax's chain of `clip_by_global_norm` and
+  `adam`, with that chain's state, so checkpoints restore with either.
   """
-  schedule = learning_rate_schedule(optim)
-  adam = optax.adam(schedule, b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
-  if optim.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
-  return adam
+  return adam_kernel.clipped_adam(learning_rate_schedule(optim), b1=optim.beta1, b2=optim.beta2,
+                                  eps=optim.eps, max_norm=optim.grad_clip)
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
@@ -64,66 +60,35 @@ def ema_decay_at(step: Array, optim: ml_collections.ConfigDict) -> Array:
   return decay
 
 
-# A jit of its own: traced once per distinct parameter shape (not once for
-# each of the U-Net's 328 leaves), which cuts the training step's tracing
-# time; XLA inlines it, so the compiled program is the same.
-@functools.partial(jax.jit, static_argnames=('b1', 'b2', 'eps'))
-def _adam_ema_leaf_update(param, grad, mu, nu, ema, scalars, *, b1, b2, eps):
-  """One parameter's clipped Adam step and EMA; `scalars` are the per-step factors."""
-  clip_scale, inv_correction_1, inv_correction_2, step_size, decay = scalars
-  grad = grad * clip_scale.astype(grad.dtype)
-  mu = (1 - b1) * grad + b1 * mu
-  nu = (1 - b2) * (grad * grad) + b2 * nu
-  direction = mu * inv_correction_1 / (jnp.sqrt(nu * inv_correction_2) + eps)
-  param = param + step_size * direction
-  return param, mu, nu, decay * ema + (1.0 - decay) * param
-
-
-def adam_ema_update(state: 'TrainState', grads: Any, grad_norm: Array,
-                    optim: ml_collections.ConfigDict) -> Tuple[Any, Any, Any]:
-  """`make_optimizer`'s update, then the EMA, in one pass over each parameter.
-
-  Returns (params, opt_state, ema_params) equal, up to float rounding, to
-  `state.apply_gradients(grads=grads)` followed by the EMA of the new
-  parameters (tests/test_train_state.py compares them), with the same optax
-  state structure, so checkpoints do not depend on which one ran. optax
-  divides every element three times (clipping, both bias corrections); here
-  the clip factor and the bias corrections are per-step scalar reciprocals,
-  leaving one division per element: on the CIFAR-10 U-Net (35.7M
-  parameters, 2-core CPU) 101 -> 60 ms per step. (XLA already fused optax's
-  chain into one pass per parameter; the same pass with optax's divisions
-  took as long as optax.)
+def update_state(state: TrainState, grads: Any, grad_norm: Array, finite: Array,
+                 optim: ml_collections.ConfigDict) -> TrainState:
+  """The optimizer's step and the EMA of the new parameters; only the counters if not `finite`.
 
   Args:
-    state: the current state (its opt_state made by `make_optimizer(optim)`).
+    state: the current state.
     grads: gradient of the loss, same structure as `state.params`.
-    grad_norm: global L2 norm of `grads` (computed once by the caller).
-    optim: the optimizer config.
+    grad_norm: global L2 norm of `grads`.
+    finite: scalar bool; False skips the update (parameters, optimizer
+      state and EMA stay as they were).
+    optim: the optimizer config (uses the EMA fields).
+
+  Returns:
+    The state after the step, its step counter one higher.
   """
-  if optim.grad_clip > 0:
-    clip_state, (adam, schedule_state) = state.opt_state
-    clip_scale = jnp.where(grad_norm < optim.grad_clip, 1.0, optim.grad_clip / grad_norm)
-  else:
-    adam, schedule_state = state.opt_state
-    clip_scale = jnp.ones((), jnp.float32)
-  count = optax.safe_increment(adam.count)
-  # As optax: decay ** count in float32, then one reciprocal per step.
-  inv_correction_1 = 1.0 / (1.0 - jnp.float32(optim.beta1) ** count)
-  inv_correction_2 = 1.0 / (1.0 - jnp.float32(optim.beta2) ** count)
-  step_size = -learning_rate_schedule(optim)(schedule_state.count)
-  decay = ema_decay_at(state.step, optim)
-  scalars = (clip_scale, inv_correction_1, inv_correction_2, step_size, decay)
-  per_leaf = jax.tree.map(
-      lambda *leaves: _adam_ema_leaf_update(*leaves, scalars, b1=optim.beta1, b2=optim.beta2,
-                                            eps=optim.eps),
-      state.params, grads, adam.mu, adam.nu, state.ema_params)
-  params, mu, nu, ema = jax.tree.transpose(
-      jax.tree.structure(state.params), jax.tree.structure((0, 0, 0, 0)), per_leaf)
-  adam = adam._replace(count=count, mu=mu, nu=nu)
-  schedule_state = schedule_state._replace(count=optax.safe_increment(schedule_state.count))
-  opt_state = ((clip_state, (adam, schedule_state)) if optim.grad_clip > 0
-               else (adam, schedule_state))
-  return params, opt_state, ema
+  def apply_update():
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
+                                         grad_norm=grad_norm)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, optim)
+    return params, opt_state, optax.incremental_update(params, state.ema_params, 1.0 - decay)
+
+  # lax.cond rather than a per-leaf jnp.where: XLA would copy the `finite`
+  # computation into every leaf's fusion, which made compiling very slow.
+  params, opt_state, ema_params = jax.lax.cond(
+      finite, apply_update, lambda: (state.params, state.opt_state, state.ema_params))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       ema_params=ema_params,
+                       nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
 
 
 def create_train_state(model: nn.Module, config: ml_collections.ConfigDict, rng: Array,
@@ -191,16 +156,7 @@ def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
   # A NaN or Inf anywhere in the gradient makes its norm non-finite.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  def apply_update():
-    return adam_ema_update(state, grads, grad_norm, config.optim)
-
-  # lax.cond rather than a per-leaf jnp.where: XLA would copy the `finite`
-  # computation into every leaf's fusion, which made compiling very slow.
-  params, opt_state, ema_params = jax.lax.cond(
-      finite, apply_update, lambda: (state.params, state.opt_state, state.ema_params))
-  new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
-      nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
+  new_state = update_state(state, grads, grad_norm, finite, config.optim)
   metrics = dict(loss=loss, grad_norm=grad_norm,
                  learning_rate=learning_rate_schedule(config.optim)(state.step),
                  finite=finite.astype(jnp.float32))

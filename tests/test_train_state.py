@@ -1,4 +1,4 @@
-"""The fused optimizer + EMA update against optax's chain (make_optimizer)."""
+"""The train step's update (update_state, kernels.adam) against optax's chain and the EMA written out."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from ddpm_jax import train_state as ts
+from ddpm_jax.kernels import adam as adam_kernel
 
 
 def _optim(grad_clip, warmup_steps=3, ema_warmup=False):
@@ -26,18 +27,22 @@ def _state(optim):
       ema_params=jax.tree.map(jnp.copy, params), nonfinite_in_a_row=jnp.zeros((), jnp.int32))
 
 
-def _optax_step(state, grads, optim):
-  updated = state.apply_gradients(grads=grads)
+def _reference_step(state, grads, optim):
+  """optax's chain (clipping, then Adam with the warm-up schedule), then the EMA."""
+  adam = optax.adam(optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
+                    b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam) if optim.grad_clip else adam
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
   decay = ts.ema_decay_at(state.step, optim)
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params,
-                     updated.params)
-  return updated.replace(ema_params=ema)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
-def _fused_step(state, grads, optim):
-  params, opt_state, ema = ts.adam_ema_update(state, grads, optax.tree.norm(grads), optim)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       ema_params=ema)
+def _grads(step, state, scale):
+  keys = jax.random.split(jax.random.key(step + 1), 3)
+  return jax.tree.map(lambda p, k: scale * jax.random.normal(k, p.shape), state.params,
+                      {'conv': {'kernel': keys[0], 'bias': keys[1]}, 'dense': {'kernel': keys[2]}})
 
 
 @pytest.mark.parametrize('grad_clip, grad_scale, ema_warmup', [
@@ -45,27 +50,51 @@ def _fused_step(state, grads, optim):
     (1.0, 1e-3, True),    # clipping inactive; EMA warm-up
     (0.0, 1.0, False),    # no clipping: adam alone in the chain
 ])
-def test_fused_update_equals_optax_chain_and_ema(grad_clip, grad_scale, ema_warmup):
+def test_update_equals_optax_chain_and_ema(grad_clip, grad_scale, ema_warmup):
   optim = _optim(grad_clip, ema_warmup=ema_warmup)
-  reference = fused = _state(optim)
-  optax_step = jax.jit(lambda s, g: _optax_step(s, g, optim))
-  fused_step = jax.jit(lambda s, g: _fused_step(s, g, optim))
+  reference = ours = _state(optim)
+  reference_step = jax.jit(lambda s, g: _reference_step(s, g, optim))
+  our_step = jax.jit(lambda s, g: ts.update_state(s, g, optax.tree.norm(g), jnp.array(True),
+                                                     optim))
   # Through the learning-rate warm-up (3 steps) and beyond; bias corrections
   # change every step.
   for step in range(6):
-    keys = jax.random.split(jax.random.key(step + 1), 3)
-    grads = jax.tree.map(lambda p, k: grad_scale * jax.random.normal(k, p.shape),
-                         reference.params, {'conv': {'kernel': keys[0], 'bias': keys[1]},
-                                            'dense': {'kernel': keys[2]}})
-    reference, fused = optax_step(reference, grads), fused_step(fused, grads)
-    assert jax.tree.structure(fused.opt_state) == jax.tree.structure(reference.opt_state)
-    for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(reference)):
+    grads = _grads(step, reference, grad_scale)
+    reference, ours = reference_step(reference, grads), our_step(ours, grads)
+    assert jax.tree.structure(ours.opt_state) == jax.tree.structure(reference.opt_state)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
       assert got.dtype == want.dtype
       if jnp.issubdtype(want.dtype, jnp.integer):
-        np.testing.assert_array_equal(got, want)   # step and the optax counts
+        np.testing.assert_array_equal(got, want)   # step, the optax counts, nonfinite_in_a_row
       else:
         np.testing.assert_allclose(got, want, rtol=0,
                                    atol=2e-6 * max(float(np.abs(want).max()), 1e-30))
   # The parameters did move (a no-op update would also match a no-op).
-  assert float(jnp.abs(fused.params['dense']['kernel'] - _state(optim).params['dense']['kernel'])
+  assert float(jnp.abs(ours.params['dense']['kernel'] - _state(optim).params['dense']['kernel'])
                .max()) > 1e-4
+
+
+def test_nonfinite_update_changes_only_the_counters():
+  optim = _optim(1.0)
+  state = _state(optim)
+  skipped = jax.jit(lambda s, g: ts.update_state(s, g, jnp.float32(jnp.nan), jnp.array(False),
+                                                   optim))(
+      state, _grads(0, state, 1.0))
+  assert int(skipped.step) == 1 and int(skipped.nonfinite_in_a_row) == 1
+  for name in ('params', 'opt_state', 'ema_params'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(skipped, name), getattr(state, name))
+
+
+@pytest.mark.parametrize('grad_clip', [1.0, 0.0])
+def test_optimizer_has_optax_chains_state_and_computes_a_missing_norm(grad_clip):
+  # Checkpoints written with either optimizer restore into the other.
+  optim = _optim(grad_clip)
+  params = _state(optim).params
+  ours = ts.make_optimizer(optim)
+  chain = adam_kernel.reference(ts.learning_rate_schedule(optim), b1=optim.beta1,
+                                b2=optim.beta2, eps=optim.eps, max_norm=optim.grad_clip)
+  assert jax.tree.structure(ours.init(params)) == jax.tree.structure(chain.init(params))
+  grads = jax.tree.map(lambda p: 10.0 * jnp.ones_like(p), params)
+  state = ours.init(params)
+  given = ours.update(grads, state, params, grad_norm=optax.tree.norm(grads))
+  jax.tree.map(np.testing.assert_array_equal, given, ours.update(grads, state, params))

@@ -1,22 +1,20 @@
 """Tests for the DDPM U-Net: shapes, exact parameter counts, initialisation,
-dropout, bf16 compute, input validation and the config builder."""
+dropout, bf16 compute, input validation and the config builder.
+
+The layer sets are compared in test_layers.py, the kernels in test_kernels.py."""
 
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import print_saved_residuals
 import ml_collections
 import numpy as np
 import pytest
 
 from ddpm_jax.models import unet_from_config
-import flax.linen as nn
-
-from ddpm_jax.models import unet
-from ddpm_jax.models.unet import (GroupNorm, UNet, timestep_embedding, upsample2x_conv3x3,
-                                  upsample_nearest2x)
+from ddpm_jax.models.layers import upsample_nearest2x
+from ddpm_jax.models.unet import UNet, timestep_embedding
 
 # A tiny model (ch 32, two levels, attention at 8x8) keeps compiled tests fast.
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
@@ -245,31 +243,6 @@ def test_timestep_embedding_closed_form():
   np.testing.assert_allclose(emb[:, 1], np.sin(tf * freq_1), atol=5e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 4, 8), (1, 7, 5, 16), (3, 1, 2, 4)])
-def test_upsample_conv_equals_conv_of_the_upsampled_image(shape):
-  keys = jax.random.split(jax.random.key(4), 3)
-  x = jax.random.normal(keys[0], shape)
-  kernel = jax.random.normal(keys[1], (3, 3, shape[-1], 6))
-  def reference(x, kernel):
-    return jax.lax.conv_general_dilated(upsample_nearest2x(x), kernel, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=jax.lax.Precision.HIGHEST)
-  want = reference(x, kernel)
-  got = upsample2x_conv3x3(x, kernel)
-  assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], 6)
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
-  # Its gradients too: the training step differentiates through it.
-  cotangent = jax.random.normal(keys[2], want.shape)
-  grad = lambda f: jax.grad(lambda x, k: jnp.sum(f(x, k) * cotangent), (0, 1))(x, kernel)
-  for g, expected in zip(grad(upsample2x_conv3x3), grad(reference)):
-    np.testing.assert_allclose(g, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max()))
-  # bfloat16 compute: output dtype, and still the same function (to bf16 precision).
-  low = upsample2x_conv3x3(x, kernel, dtype=jnp.bfloat16)
-  assert low.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(low, np.float32), want, rtol=0,
-                             atol=0.03 * float(np.abs(want).max()))
-
-
 def test_upsample_nearest2x_matches_repeat():
   x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
   expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
@@ -309,127 +282,3 @@ def test_unet_from_config():
 def test_unet_from_config_rejects_unknown_dtype():
   with pytest.raises(ValueError, match=r"float16.*valid choices.*bfloat16.*float32"):
     unet_from_config(_model_config(dtype="float16"), 3)
-
-
-@pytest.mark.parametrize("shape, groups", [((2, 8, 8, 64), 32), ((3, 4, 5, 96), 32),
-                                           ((2, 16, 256), 32), ((1, 4, 4, 8), 4)])
-def test_group_norm_equals_flax_group_norm(shape, groups):
-  # Off-centre, scaled activations and non-trivial affine parameters.
-  keys = jax.random.split(jax.random.key(0), 4)
-  x = 3.0 * jax.random.normal(keys[0], shape) + 1.5
-  reference = nn.GroupNorm(num_groups=groups, epsilon=1e-6)
-  variables = reference.init(keys[1], x)
-  variables = {"params": {"scale": 1.0 + jax.random.normal(keys[2], (shape[-1],)),
-                          "bias": jax.random.normal(keys[3], (shape[-1],))}}
-  ours = GroupNorm(num_groups=groups)
-  assert jax.tree.map(jnp.shape, ours.init(keys[1], x)) == jax.tree.map(jnp.shape, variables)
-  want = reference.apply(variables, x)
-  np.testing.assert_allclose(ours.apply(variables, x), want, rtol=0, atol=2e-5)
-  # The gradients too (the training step differentiates through it).
-  cotangent = jax.random.normal(keys[0], shape)
-  grad = lambda m: jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * cotangent), (0, 1))(variables, x)
-  for got, expected in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(reference))):
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
-
-
-@pytest.mark.parametrize("swish", [False, True])
-def test_group_norm_with_swish_equals_flax_and_stores_only_its_input(swish, capsys):
-  keys = jax.random.split(jax.random.key(1), 3)
-  shape = (2, 8, 8, 64)
-  x = 2.0 * jax.random.normal(keys[0], shape) - 0.5
-  variables = {"params": {"scale": 1.0 + jax.random.normal(keys[1], (64,)),
-                          "bias": jax.random.normal(keys[2], (64,))}}
-  activation = nn.swish if swish else (lambda y: y)
-  reference = lambda v, x: activation(nn.GroupNorm(num_groups=32, epsilon=1e-6).apply(v, x))
-  ours = lambda v, x: GroupNorm(swish=swish).apply(v, x)
-  np.testing.assert_allclose(ours(variables, x), reference(variables, x), rtol=0, atol=2e-5)
-  cotangent = jax.random.normal(keys[0], shape)
-  grad = lambda f: jax.grad(lambda v, x: jnp.sum(f(v, x) * cotangent), (0, 1))(variables, x)
-  for got, expected in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(reference))):
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
-  # The backward pass recomputes the normalised (and swished) tensor: the
-  # only full-size value kept from the forward pass is the input itself.
-  capsys.readouterr()
-  print_saved_residuals(ours, variables, x)
-  full_size = [line for line in capsys.readouterr().out.splitlines()
-               if line.startswith("f32[2,8,8,64]")]
-  assert full_size == ["f32[2,8,8,64] from the argument x"], full_size
-
-
-def test_group_norm_bf16_output_with_float32_statistics():
-  x = 100.0 + jax.random.normal(jax.random.key(0), (2, 4, 4, 64))
-  ours = GroupNorm(dtype=jnp.bfloat16)
-  variables = ours.init(jax.random.key(1), x)
-  y = ours.apply(variables, x.astype(jnp.bfloat16))
-  assert y.dtype == jnp.bfloat16
-  # A large mean with unit spread: bf16 statistics would lose the spread.
-  np.testing.assert_allclose(np.asarray(y, np.float32).std(), 1.0, atol=0.05)
-
-
-def _assert_same_values_and_gradients(ours, plain, variables, x, cotangent, dtype):
-  """`ours` computes `plain`'s function: values bitwise, gradients to the dtype's precision."""
-  np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
-  grad = lambda m: jax.jit(jax.grad(
-      lambda v, x: jnp.sum(m.apply(v, x).astype(jnp.float32) * cotangent), (0, 1)))(variables, x)
-  got, want = grad(ours), grad(plain)
-  assert jax.tree.map(lambda a: a.dtype, got) == jax.tree.map(lambda a: a.dtype, want)
-  tol = 1e-6 if dtype == jnp.float32 else 1e-2
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=0, atol=tol * float(np.abs(w).max()))
-
-
-@pytest.mark.parametrize("shape", [(4, 16), (2, 8, 24), (2, 4, 4, 16)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_layers_gradient_equals_autodiff(shape, dtype):
-  # The U-Net's Dense layers use a dot_general whose backward pass is written
-  # by hand (unet._matmul_last_axis); values and gradients must be nn.Dense's.
-  keys = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(keys[0], shape)
-  plain = nn.Dense(8, dtype=dtype)
-  ours = unet._dense(8, dtype, jnp.float32, "dense")
-  variables = plain.init(keys[1], x)
-  variables = {"params": {"kernel": variables["params"]["kernel"],
-                          "bias": jax.random.normal(keys[2], (8,))}}
-  assert ours.dot_general is unet._dense_dot_general
-  cotangent = jax.random.normal(keys[0], shape[:-1] + (8,))
-  _assert_same_values_and_gradients(ours, plain, variables, x, cotangent, dtype)
-
-
-@pytest.mark.parametrize("shape,features", [((2, 4, 4, 8), 6), ((1, 8, 8, 16), 16),
-                                            ((3, 2, 6, 4), 5), ((1, 1, 1, 3), 2),
-                                            ((2, 16, 16, 8), 8)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_conv3x3_gradients_equal_autodiff(shape, features, dtype):
-  # The U-Net's stride-1 3x3 convolutions have a hand-written backward pass
-  # (unet._conv3x3_same: on CPU, images of at most 64 positions take their
-  # input gradient from a matmul); values and gradients must be nn.Conv's.
-  keys = jax.random.split(jax.random.key(5), 4)
-  x = jax.random.normal(keys[0], shape)
-  ours = unet._conv3x3(features, dtype, jnp.float32, "conv")
-  plain = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype)
-  variables = {"params": {"kernel": jax.random.normal(keys[1], (3, 3, shape[-1], features)),
-                          "bias": jax.random.normal(keys[2], (features,))}}
-  cotangent = jax.random.normal(keys[3], shape[:3] + (features,))
-  _assert_same_values_and_gradients(ours, plain, variables, x, cotangent, dtype)
-  # On CPU, small images skip the input gradient's convolution (the
-  # compiled gradient keeps only the kernel gradient's); larger ones keep it.
-  def convolutions(m):
-    loss = lambda v, x: jnp.sum(m.apply(v, x) * cotangent)
-    return jax.jit(jax.grad(loss, (0, 1))).lower(variables, x).compile().as_text().count(
-        " convolution(")
-  small = shape[1] * shape[2] <= unet._SMALL_IMAGE_POSITIONS
-  assert convolutions(ours) == convolutions(plain) - small == 2 - small
-
-
-def test_other_convolutions_go_to_lax_unchanged():
-  # Strided or differently padded convolutions keep lax's own gradient.
-  keys = jax.random.split(jax.random.key(6), 3)
-  x = jax.random.normal(keys[0], (2, 8, 8, 4))
-  for strides, padding in [(2, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1))), (1, "SAME")]:
-    ours = unet._conv3x3(5, jnp.float32, jnp.float32, "conv", strides=strides, padding=padding)
-    plain = nn.Conv(5, (3, 3), strides=(strides, strides), padding=padding)
-    variables = plain.init(keys[1], x)
-    np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
-    grad = lambda m: jax.grad(lambda v: jnp.sum(m.apply(v, x) ** 2))(variables)
-    for g, w in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(plain))):
-      np.testing.assert_array_equal(g, w)

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.models.unet import NORM_EPS, NUM_GROUPS, UNet
+from ddpm_jax.models.layers import NORM_EPS, NUM_GROUPS
+from ddpm_jax.models.unet import UNet
 
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_NAME = "diffusion_pytorch_model.bin"
