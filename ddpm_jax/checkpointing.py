@@ -1,27 +1,20 @@
-"""Checkpoints through Orbax, wrapped in one place.
+"""Checkpoints through Orbax, wrapped in one place, and what restoring needs.
 
 Everything the project knows about Orbax lives in this file, so a future API
 change touches only it. A checkpoint holds two items: 'state' (the train
 state with EMA parameters and the step, saved with `StandardSave`) and
 'config' (the experiment config as JSON, to check a resumed run against).
+A state is restored onto `abstract_train_state`'s shapes and shardings, after
+`check_resume_compatible` has compared the saved config with the current one.
 
-Failure behaviour:
-
-* Orbax commits a step atomically: it writes into `<step>.orbax-checkpoint-tmp`
-  and renames it to `<step>` when complete. A crash mid-write leaves only the
-  temporary folder, which `latest_step()` never takes and the next writable
-  `Checkpointer` deletes.
-* A committed step that cannot be read (truncated or deleted files) is logged
-  as an error naming the step, and `restore` falls back to the next older
-  step; `set_aside` then moves the unreadable steps out of the way (renamed to
-  `<step>.unreadable-<time>`, kept for inspection). With none readable,
-  `restore` raises `CheckpointError`: it never returns a fresh state.
-* A failing save (full disk, read-only directory) raises `CheckpointError`
-  naming the step, from `save`, `poll` or `wait`; older steps stay intact
-  because Orbax deletes old steps only after a new one is committed.
+Commits are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames
+it), an unreadable newest step falls back to the next older one, and a
+failing save names its step and leaves older steps intact; docs/reliability.md
+has the whole story and the tests that prove it.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -29,12 +22,49 @@ import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ddpm_jax import errors
+from ddpm_jax import sharding as sharding_lib
+from ddpm_jax import train_state as train_state_lib
 
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be saved or restored."""
+CheckpointError = errors.CheckpointError
+
+# Sections that must match between a checkpoint and the config resuming it:
+# a different network or process would silently train something else.
+_MUST_MATCH_ON_RESUME = ('model', 'diffusion')
+# Fields of those sections that may differ: every layer set computes the same
+# function with the same parameters.
+_MAY_DIFFER_ON_RESUME = ('model.layers',)
+
+
+def abstract_train_state(model, config: ml_collections.ConfigDict, image_shape, mesh) -> Any:
+  """Shapes, dtypes and (replicated) shardings of the state, without allocating it."""
+  abstract = jax.eval_shape(
+      functools.partial(train_state_lib.create_train_state, model, config,
+                        image_shape=image_shape), jax.random.key(0))
+  replicated = sharding_lib.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+
+
+def check_resume_compatible(saved_config: Dict[str, Any], config: ml_collections.ConfigDict,
+                            workdir: str) -> None:
+  """Raises TrainingError if the checkpoint was made with another model or process."""
+  current = json.loads(config.to_json_best_effort())
+  differences = []
+  for section in _MUST_MATCH_ON_RESUME:
+    saved, now = saved_config.get(section, {}), current.get(section, {})
+    for key in sorted(set(saved) | set(now)):
+      if f'{section}.{key}' not in _MAY_DIFFER_ON_RESUME and saved.get(key) != now.get(key):
+        differences.append(f'{section}.{key}: checkpoint has {saved.get(key)!r}, '
+                           f'config has {now.get(key)!r}')
+  if differences:
+    raise errors.TrainingError(
+        f'The checkpoint in {workdir} was made with a different configuration:\n  ' +
+        '\n  '.join(differences) + '\nUse a new --workdir, or the original config.')
 
 
 class Checkpointer:

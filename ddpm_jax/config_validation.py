@@ -10,17 +10,16 @@ from typing import List
 import ml_collections
 
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import generate
+from ddpm_jax import errors
+from ddpm_jax import input_pipeline
 from ddpm_jax import losses
+from ddpm_jax import metrics
+from ddpm_jax import models
+from ddpm_jax import sampling
 from ddpm_jax import schedules
+from ddpm_jax.models import layers
 
-_RESIZE_METHODS = ('pad', 'resize', 'center_crop')
-_MODEL_DTYPES = ('float32', 'bfloat16')
-_FEATURE_EXTRACTORS = ('inception', 'domain')
-
-
-class ConfigError(ValueError):
-  """The config cannot work; the message lists every problem found."""
+ConfigError = errors.ConfigError
 
 
 def _choice(problems: List[str], name: str, value, choices) -> None:
@@ -44,11 +43,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   data, model, dc = config.data, config.model, config.diffusion
   optim, training, smp = config.optim, config.training, config.sampling
 
-  _choice(problems, 'data.resize_method', data.resize_method, _RESIZE_METHODS)
+  try:
+    # Finds the builder without preparing it: an unknown name fails in
+    # milliseconds, before any data is read.
+    input_pipeline.get_builder(data, prepare=False)
+  except ValueError as e:
+    problems.append(f'data.dataset: {e}')
+  _choice(problems, 'data.resize_method', data.resize_method, input_pipeline.RESIZE_METHODS)
   _choice(problems, 'data.num_channels', data.num_channels, (1, 3))
   _positive(problems, 'data.image_size', data.image_size)
 
-  _choice(problems, 'model.dtype', model.dtype, _MODEL_DTYPES)
+  _choice(problems, 'model.layers', model.get('layers', 'auto'), layers.LAYER_CHOICES)
+  _choice(problems, 'model.dtype', model.dtype, tuple(models.DTYPES))
   _positive(problems, 'model.ch', model.ch)
   _positive(problems, 'model.num_res_blocks', model.num_res_blocks)
   if not 0.0 <= model.dropout < 1.0:
@@ -57,9 +63,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     problems.append('model.ch_mult must name at least one level.')
   else:
     for mult in model.ch_mult:
-      if (model.ch * mult) % 32:
+      if (model.ch * mult) % layers.NUM_GROUPS:
         problems.append(f'model.ch * ch_mult = {model.ch * mult} channels do not divide into '
-                        'the 32 GroupNorm groups; use multiples of 32.')
+                        f'the {layers.NUM_GROUPS} GroupNorm groups; use multiples of '
+                        f'{layers.NUM_GROUPS}.')
         break
     factor = 2 ** (len(model.ch_mult) - 1)
     if data.image_size % factor:
@@ -80,7 +87,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if dc.loss_type == 'hybrid' and dc.model_var_type not in ('learned', 'learned_range'):
     problems.append("diffusion.loss_type='hybrid' needs model_var_type 'learned' or "
                     f"'learned_range', got {dc.model_var_type!r}.")
-  if dc.beta_schedule in ('linear', 'quad', 'const', 'warmup10', 'warmup50') and not (
+  if dc.beta_schedule in schedules.RANGE_SCHEDULES and not (
       0 < dc.beta_start <= dc.beta_end < 1):
     problems.append('diffusion.beta_start/beta_end must satisfy 0 < start <= end < 1, got '
                     f'{dc.beta_start}, {dc.beta_end}.')
@@ -108,16 +115,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
   for sampler_field, steps_field in (('sampler', 'num_steps'), ('grid_sampler', 'grid_num_steps')):
     try:
-      generate.check_sampler(smp[sampler_field], smp[steps_field], dc.num_timesteps)
+      sampling.check_sampler(smp[sampler_field], smp[steps_field], dc.num_timesteps)
     except ValueError as e:
       problems.append(f'sampling.{sampler_field}: {e}')
-  _choice(problems, 'sampling.ddim_skip', smp.ddim_skip, ('uniform', 'quad'))
+  _choice(problems, 'sampling.ddim_skip', smp.ddim_skip, sampling.DDIM_SKIP_TYPES)
   if smp.ddim_eta < 0:
     problems.append(f'sampling.ddim_eta must be >= 0, got {smp.ddim_eta}.')
   if smp.batch_size % num_devices:
     problems.append(f'sampling.batch_size={smp.batch_size} does not divide by the '
                     f'{num_devices} devices.')
-  _choice(problems, 'eval.feature_extractor', config.eval.feature_extractor, _FEATURE_EXTRACTORS)
+  _choice(problems, 'eval.feature_extractor', config.eval.feature_extractor,
+          metrics.FEATURE_EXTRACTORS)
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

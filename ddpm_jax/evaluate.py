@@ -12,7 +12,6 @@ rate-distortion plot (Fig. 5) as `DIR/eval/rate_distortion_step_<step>.png`.
 import json
 import logging
 import os
-import time
 from typing import Any, Dict, Tuple
 
 import jax
@@ -21,20 +20,19 @@ import numpy as np
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from ddpm_jax import generate
+from ddpm_jax import files
+from ddpm_jax import inference
 from ddpm_jax import input_pipeline
 from ddpm_jax import likelihood
-from ddpm_jax import sample as sample_lib
 from ddpm_jax import sharding as sharding_lib
+from ddpm_jax import streams
 from ddpm_jax.metrics import domain_classifier
 from ddpm_jax.metrics import frechet
-
-_BPD_KEY = 2**31 - 5
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Runs `--mode=eval` on the newest checkpoint; returns the results dict."""
-  im = sample_lib.load_inference_model(config, workdir)
+  im = inference.load_inference_model(config, workdir)
   eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
   os.makedirs(eval_dir, exist_ok=True)
   results: Dict[str, Any] = {'step': im.step, 'dataset': config.data.dataset}
@@ -42,9 +40,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   results['sample_quality'] = evaluate_sample_quality(config, im, workdir)
   if jax.process_index() == 0:
     path = os.path.join(eval_dir, f'step_{im.step}.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + '.tmp', path)
+    files.write_json(path, results)
     writer = metric_writers.create_default_writer(eval_dir)
     scalars = {f'bpd/{k}': v for k, v in results['bpd'].items() if isinstance(v, float)}
     scalars.update({f'quality/{k}': v for k, v in results['sample_quality'].items()
@@ -60,7 +56,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 # Negative log-likelihood.
 
 
-def evaluate_bpd(config: ml_collections.ConfigDict, im: sample_lib.InferenceModel,
+def evaluate_bpd(config: ml_collections.ConfigDict, im: inference.InferenceModel,
                  eval_dir: str) -> Dict[str, Any]:
   """The variational bound on the eval split, in bits/dim, with its breakdown.
 
@@ -71,45 +67,30 @@ def evaluate_bpd(config: ml_collections.ConfigDict, im: sample_lib.InferenceMode
   """
   ec = config.eval
   batch_dir = os.path.join(eval_dir, f'bpd_step_{im.step}_seed{config.seed}')
-  os.makedirs(batch_dir, exist_ok=True)
   mesh = im.mesh
-  model_fn = generate.make_model_fn(im.model, im.ema_params, mesh)
+  model_fn = inference.make_model_fn(im.model, im.ema_params, mesh)
   bpd_fn = jax.jit(
-      lambda x0, key: likelihood.calc_bpd_loop(
-          im.diffusion, model_fn, x0, key, clip_denoised=config.sampling.clip_denoised,
-          model_mean_type=config.diffusion.model_mean_type,
-          model_var_type=config.diffusion.model_var_type),
+      lambda x0, key: likelihood.calc_bpd_loop(im.diffusion, model_fn, x0, key,
+                                               **inference.model_output_options(config)),
       in_shardings=(sharding_lib.batch_sharded(mesh), sharding_lib.replicated(mesh)),
       out_shardings=sharding_lib.batch_sharded(mesh))
-  base_key = jax.random.fold_in(jax.random.key(config.seed), _BPD_KEY)
+  base_key = streams.key(config.seed, streams.Stream.BPD)
   dataset = input_pipeline.make_eval_dataset(config, batch_size=ec.batch_size,
                                              split=config.data.eval_split)
   num_batches = min(len(dataset), -(-ec.num_bpd_examples // ec.batch_size))
-  start, done_now, seen = time.time(), 0, 0
-  for index, batch in enumerate(dataset):
-    if index >= num_batches:
-      break
-    path = os.path.join(batch_dir, f'batch_{index:05d}.npz')
-    local_mask = np.asarray(batch['mask'])
-    if os.path.exists(path):
-      continue  # Done before an interruption.
+
+  def compute(index, batch):
     images = sharding_lib.host_to_global({'image': batch['image']}, mesh)['image']
     out = bpd_fn(images, jax.random.fold_in(base_key, index))
-    out = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                       out)
-    mask = np.asarray(multihost_utils.process_allgather(local_mask, tiled=True))
-    if jax.process_index() == 0:
-      tmp = path + '.tmp.npz'
-      np.savez(tmp, mask=mask, **out)
-      os.replace(tmp, path)
-    done_now += 1
-    rate = done_now / (time.time() - start)
-    logging.info('bits/dim batch %d/%d: %.4f (%.3f batches/s, ETA %.0f s)', index + 1,
-                 num_batches, float(np.sum(out['total_bpd'] * mask) / max(mask.sum(), 1)),
-                 rate, (num_batches - index - 1) / max(rate, 1e-9))
-  multihost_utils.sync_global_devices('bpd batches written')
+    out['mask'] = np.asarray(batch['mask'])
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                        out)
 
-  parts = [np.load(os.path.join(batch_dir, f'batch_{i:05d}.npz')) for i in range(num_batches)]
+  def summary(out):
+    return f"{np.sum(out['total_bpd'] * out['mask']) / max(out['mask'].sum(), 1):.4f}"
+
+  parts = files.resumable_batches(batch_dir, dataset, num_batches, compute, what='bits/dim',
+                                  summary=summary)
   mask = np.concatenate([p['mask'] for p in parts]).astype(bool)
   # Keep exactly the first num_bpd_examples real examples.
   keep = mask & (np.cumsum(mask) <= ec.num_bpd_examples)
@@ -165,16 +146,15 @@ def plot_rate_distortion(terms_bpd, prior_bpd, mse, path: str) -> None:
   for ax in axes:
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path + '.tmp.png', dpi=100)
+  files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
   plt.close(fig)
-  os.replace(path + '.tmp.png', path)
 
 
 # ---------------------------------------------------------------------------
 # Sample quality.
 
 
-def _feature_extractor(config: ml_collections.ConfigDict, im: sample_lib.InferenceModel,
+def _feature_extractor(config: ml_collections.ConfigDict, im: inference.InferenceModel,
                        eval_dir: str):
   """(label, extract_fn(uint8 images) -> (features, logits), metadata)."""
   name = config.eval.feature_extractor
@@ -211,13 +191,13 @@ def _reference_statistics(config, split, extractor, eval_dir, tag):
   return mu, sigma
 
 
-def evaluate_sample_quality(config: ml_collections.ConfigDict, im: sample_lib.InferenceModel,
+def evaluate_sample_quality(config: ml_collections.ConfigDict, im: inference.InferenceModel,
                             workdir: str) -> Dict[str, Any]:
   """Frechet distance to the train and eval splits, KID and Inception-style score."""
   eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
   label, extractor, meta = _feature_extractor(config, im, eval_dir)
-  name = sample_lib.sampler_name(config, im.step)
-  samples = sample_lib.generate_samples(
+  name = inference.sampler_name(config, im.step)
+  samples = inference.generate_samples(
       config, im, config.eval.num_fid_samples,
       os.path.join(os.path.abspath(workdir), 'samples', name))
   features, logits = extractor(samples)

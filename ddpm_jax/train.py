@@ -8,27 +8,9 @@ the same workdir resumes from the newest committed checkpoint; data order and
 randomness depend only on (seed, step), so a resumed run continues exactly as
 an uninterrupted one would, bit for bit.
 
-Failure behaviour (each has a test in tests/test_reliability.py):
-
-* Bad config: `ConfigError` listing every problem, before the workdir is
-  touched, the dataset prepared or anything compiled.
-* A workdir in use by another trainer, or a checkpoint made with another
-  model or diffusion config: `TrainingError`, before any work.
-* SIGTERM (preemption): the current step finishes, a checkpoint of it is
-  committed, and `train_and_evaluate` returns normally (exit code 0 from
-  main.py); the same command resumes there. With several processes, JAX's
-  preemption service takes the signal and Orbax's sync point makes every
-  process save the same step.
-* SIGKILL or a crash: the restart resumes from the newest committed
-  checkpoint (an interrupted save is never taken for one) and replays the
-  lost steps exactly.
-* An unreadable newest checkpoint: an error naming the step, then the next
-  older one is used; none readable: `CheckpointError`, never a fresh start.
-* A failing save (full disk, read-only): `CheckpointError` naming the step;
-  older checkpoints stay intact.
-* Non-finite loss or gradient: the step is skipped (state unchanged) and
-  counted; `training.max_consecutive_nonfinite` in a row stop the run with a
-  `TrainingError`. A state with non-finite values is never checkpointed.
+What happens on a bad config, a second trainer, preemption, a crash, an
+unreadable or failing checkpoint and non-finite steps is in
+docs/reliability.md, with the test that proves each.
 
 Per-step metrics go to `workdir/metrics.jsonl` (one JSON object per step:
 step, loss, grad_norm, learning_rate, finite), written at log steps; on
@@ -55,74 +37,17 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
-from ddpm_jax import generate
+from ddpm_jax import errors
+from ddpm_jax import files
 from ddpm_jax import images as images_lib
+from ddpm_jax import inference
 from ddpm_jax import input_pipeline
 from ddpm_jax import sharding as sharding_lib
+from ddpm_jax import streams
 from ddpm_jax import train_state as train_state_lib
 
-# Sections that must match between a checkpoint and the config resuming it:
-# a different network or process would silently train something else.
-_MUST_MATCH_ON_RESUME = ('model', 'diffusion')
-# fold_in constants that keep the init and grid keys apart from step keys.
-_INIT_KEY = 2**31 - 1
-_GRID_KEY = 2**31 - 2
 METRICS_FILE = 'metrics.jsonl'
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite steps, a workdir in use, a mismatch)."""
-
-
-def abstract_train_state(model, config, image_shape, mesh) -> Any:
-  """Shapes, dtypes and (replicated) shardings of the state, without allocating it."""
-  abstract = jax.eval_shape(
-      functools.partial(train_state_lib.create_train_state, model, config,
-                        image_shape=image_shape), jax.random.key(0))
-  replicated = sharding_lib.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-
-
-def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError listing every problem of a config; cheap (no data read, no compile).
-
-  Args:
-    config: the experiment config.
-    num_devices: devices the global batch is split over.
-  """
-  dataset_problem = None
-  try:
-    # Finds the builder without preparing it: an unknown name fails in
-    # milliseconds rather than after other work.
-    input_pipeline.get_builder(config.data, prepare=False)
-  except ValueError as e:
-    dataset_problem = f'data.dataset: {e}'
-  try:
-    config_validation.validate(config, num_devices=num_devices)
-  except config_validation.ConfigError as e:
-    if dataset_problem is None:
-      raise
-    raise config_validation.ConfigError(f'{e}\n  - {dataset_problem}') from None
-  if dataset_problem is not None:
-    raise config_validation.ConfigError(f'Invalid config:\n  - {dataset_problem}')
-
-
-def check_resume_compatible(saved_config: Dict[str, Any], config: ml_collections.ConfigDict,
-                            workdir: str) -> None:
-  """Raises TrainingError if the checkpoint was made with another model or process."""
-  current = json.loads(config.to_json_best_effort())
-  differences = []
-  for section in _MUST_MATCH_ON_RESUME:
-    saved, now = saved_config.get(section, {}), current.get(section, {})
-    for key in sorted(set(saved) | set(now)):
-      if saved.get(key) != now.get(key):
-        differences.append(f'{section}.{key}: checkpoint has {saved.get(key)!r}, '
-                           f'config has {now.get(key)!r}')
-  if differences:
-    raise TrainingError(
-        f'The checkpoint in {workdir} was made with a different configuration:\n  ' +
-        '\n  '.join(differences) + '\nUse a new --workdir, or the original config.')
+TrainingError = errors.TrainingError
 
 
 @contextlib.contextmanager
@@ -209,10 +134,7 @@ class _MetricsLog:
           continue  # The last line of a killed run may be half written.
         if record['step'] <= step:
           kept.append(json.dumps(record))
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(''.join(line + '\n' for line in kept))
-    os.replace(tmp, self.path)
+    files.write_text(self.path, ''.join(line + '\n' for line in kept))
 
   def append(self, first_step: int, per_step: Dict[str, np.ndarray]) -> None:
     """Writes one record per step: `first_step`, first_step + 1, ..."""
@@ -271,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       save failed.
   """
   mesh = sharding_lib.make_mesh(devices)
-  check_config(config, num_devices=mesh.devices.size)
+  config_validation.validate(config, num_devices=mesh.devices.size)
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
@@ -288,10 +210,10 @@ def _restore(config, workdir, mesh, ckpt, model, image_shape):
   """The newest readable checkpoint's (state, step); None when there is no checkpoint."""
   if not ckpt.all_steps():
     return None
-  abstract = abstract_train_state(model, config, image_shape, mesh)
+  abstract = checkpointing.abstract_train_state(model, config, image_shape, mesh)
   state, step = ckpt.restore(
       abstract, check_config=functools.partial(
-          check_resume_compatible, config=config, workdir=workdir))
+          checkpointing.check_resume_compatible, config=config, workdir=workdir))
   # Newer steps failed to restore; out of the way, or saving them again would fail.
   ckpt.set_aside([s for s in ckpt.all_steps() if s > step])
   if int(state.step) != step:
@@ -310,16 +232,15 @@ def _create(config, workdir, mesh, model, image_shape, is_chief):
     return state.replace(step=jnp.asarray(state.step, jnp.int32))
 
   init = jax.jit(create, out_shardings=sharding_lib.replicated(mesh))
-  state = init(jax.random.fold_in(jax.random.key(config.seed), _INIT_KEY))
+  state = init(streams.key(config.seed, streams.Stream.INIT))
   if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort())
+    files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort())
   return state, 0
 
 
 def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float]:
   tc = config.training
-  model, d, image_shape = generate.build_model_and_diffusion(config)
+  model, d, image_shape = inference.build_model_and_diffusion(config)
   config_json = config.to_json_best_effort()
   # Cheap checks first: reading a checkpoint refuses another model before the
   # dataset is prepared and anything is compiled.
@@ -330,6 +251,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float
 
   k = tc.steps_per_call
   seed_key = jax.random.key(config.seed)
+  grid_key = streams.key(config.seed, streams.Stream.GRID)
   # From the state itself: its static parts (apply_fn, tx) must match exactly.
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   train_fn = jax.jit(
@@ -340,7 +262,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float
       donate_argnums=0)
   sample_fn = None
   if tc.sample_every_steps > 0:
-    sample_fn = generate.make_sample_fn(
+    sample_fn = inference.make_sample_fn(
         model, d, config, (tc.num_sample_images,) + image_shape,
         sampler=config.sampling.grid_sampler, num_steps=config.sampling.grid_num_steps,
         mesh=mesh)
@@ -377,7 +299,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float
 
       if sample_fn is not None and _is_due(step, tc.sample_every_steps, last_step):
         # The same key every time, so successive grids show the same samples improving.
-        samples = sample_fn(state.ema_params, jax.random.fold_in(seed_key, _GRID_KEY))
+        samples = sample_fn(state.ema_params, grid_key)
         # Every process takes part in the gather; only the chief writes.
         samples = multihost_utils.process_allgather(samples, tiled=True)
         grid = images_lib.make_grid(images_lib.to_uint8(samples))

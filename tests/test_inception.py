@@ -12,7 +12,6 @@ torchvision 0.28.0, pytorch-fid 0.3.0).
 """
 
 import hashlib
-import sys
 from unittest import mock
 
 import jax

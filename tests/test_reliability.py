@@ -23,7 +23,7 @@ from orbax.checkpoint._src.path import atomicity
 
 import trainer_harness as th
 from ddpm_jax import checkpointing
-from ddpm_jax import generate
+from ddpm_jax import inference
 from ddpm_jax import input_pipeline
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import train
@@ -288,9 +288,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(data_dirs, tmp_path, monk
                                          ('opt_state', np.nan)])
 def test_a_state_with_nonfinite_values_is_never_checkpointed(data_dirs, tmp_path, part, value):
   config = th.tiny_config(data_dirs)
-  model, _, image_shape = generate.build_model_and_diffusion(config)
+  model, _, image_shape = inference.build_model_and_diffusion(config)
   mesh = sharding_lib.make_mesh(jax.devices()[:1])
-  abstract = train.abstract_train_state(model, config, image_shape, mesh)
+  abstract = checkpointing.abstract_train_state(model, config, image_shape, mesh)
   state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
   # One element of one (floating-point) leaf.
   leaves, treedef = jax.tree.flatten(getattr(state, part))

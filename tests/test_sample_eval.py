@@ -9,6 +9,7 @@ import pytest
 
 from ddpm_jax import checkpointing
 from ddpm_jax import evaluate
+from ddpm_jax import inference
 from ddpm_jax import sample
 from ddpm_jax import train
 from trainer_harness import tiny_config as make_config
@@ -59,6 +60,9 @@ def test_sample_writes_uint8_npz_and_grid_deterministically(trained, tmp_path):
   config.seed = 1
   other = np.load(sample.sample_and_save(config, workdir))['images']
   assert not np.array_equal(images, other)
+
+
+
 
 
 def test_sample_figures(trained, tmp_path):
@@ -132,5 +136,5 @@ def test_missing_inception_weights_is_a_clear_error(trained, tmp_path):
   config.eval.feature_extractor = 'inception'
   config.eval.inception_weights = str(tmp_path / 'missing.pth')
   with pytest.raises(FileNotFoundError, match='missing.pth'):
-    evaluate.evaluate_sample_quality(config, sample.load_inference_model(config, workdir),
+    evaluate.evaluate_sample_quality(config, inference.load_inference_model(config, workdir),
                                      workdir)

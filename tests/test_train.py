@@ -13,7 +13,7 @@ import pytest
 from configs import tiny
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
-from ddpm_jax import generate
+from ddpm_jax import inference
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import train
 from ddpm_jax import train_state as train_state_lib
@@ -76,7 +76,7 @@ def test_steps_per_call_matches_single_steps(data_dirs, tmp_path):
 
 
 def _tiny_state_and_batch(config, batch_size):
-  model, d, image_shape = generate.build_model_and_diffusion(config)
+  model, d, image_shape = inference.build_model_and_diffusion(config)
   state = train_state_lib.create_train_state(model, config, jax.random.key(0), image_shape)
   images = jax.random.uniform(jax.random.key(1), (2, batch_size) + image_shape, minval=-1,
                               maxval=1)

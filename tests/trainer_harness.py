@@ -18,7 +18,7 @@ import numpy as np
 
 from configs import tiny
 from ddpm_jax import checkpointing
-from ddpm_jax import generate
+from ddpm_jax import inference
 from ddpm_jax import input_pipeline
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import train
@@ -129,11 +129,11 @@ def free_port() -> int:
 
 def restore(workdir: str, config, step: Optional[int] = None, devices=None):
   """The train state of a workdir's checkpoint, replicated over `devices` (default: all)."""
-  model, _, image_shape = generate.build_model_and_diffusion(config)
+  model, _, image_shape = inference.build_model_and_diffusion(config)
   mesh = sharding_lib.make_mesh(devices)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
-    state, _ = ckpt.restore(train.abstract_train_state(model, config, image_shape, mesh), step)
+    state, _ = ckpt.restore(checkpointing.abstract_train_state(model, config, image_shape, mesh), step)
   finally:
     ckpt.close()
   return state

@@ -11,6 +11,9 @@
 `inception` and `domain_classifier` import Flax; import them explicitly.
 """
 
+# The feature extractors an evaluation config can name (`eval.feature_extractor`).
+FEATURE_EXTRACTORS = ('inception', 'domain')
+
 from ddpm_jax.metrics.frechet import feature_statistics
 from ddpm_jax.metrics.frechet import frechet_distance
 from ddpm_jax.metrics.frechet import frechet_distance_from_features
