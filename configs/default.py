@@ -80,8 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Sampling (--mode=sample and the periodic grids).
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = 'ddpm'  # 'ddpm' (ancestral, T steps) | 'respaced' | 'ddim'.
-  sampling.num_steps = 100  # For 'respaced' and 'ddim'.
+  # 'ddpm' (ancestral, T steps) | 'respaced' | 'ddim' | 'dpm_solver' | 'unipc' (ODE solvers).
+  sampling.sampler = 'ddpm'
+  sampling.num_steps = 100  # Model calls of every sampler but 'ddpm'.
+  sampling.solver_order = 2  # Order of 'dpm_solver' and 'unipc': 1, 2 or 3.
   sampling.ddim_eta = 0.0
   sampling.ddim_skip = 'uniform'  # 'uniform' | 'quad'.
   sampling.clip_denoised = True

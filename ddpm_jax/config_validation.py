@@ -118,6 +118,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       sampling.check_sampler(smp[sampler_field], smp[steps_field], dc.num_timesteps)
     except ValueError as e:
       problems.append(f'sampling.{sampler_field}: {e}')
+  _choice(problems, 'sampling.solver_order', smp.solver_order, sampling.SOLVER_ORDERS)
   _choice(problems, 'sampling.ddim_skip', smp.ddim_skip, sampling.DDIM_SKIP_TYPES)
   if smp.ddim_eta < 0:
     problems.append(f'sampling.ddim_eta must be >= 0, got {smp.ddim_eta}.')

@@ -363,6 +363,19 @@ def score_from_eps(d: Diffusion, eps: Array, t: Array) -> Array:
   return -eps / _coef(d, 'sqrt_one_minus_alphas_cumprod', t, eps)
 
 
+def _is_respaced(d: Diffusion) -> bool:
+  return d.timestep_map.shape[0] != d.spec.num_timesteps
+
+
+def _x0_from_full_process_xprev(d: Diffusion, x_t: Array, t: Array, xprev: Array) -> Array:
+  """x_0 from an x_{t-1} prediction of d's full process, at its timesteps timestep_map[t]."""
+  full = _tables_from_betas(schedules.get_beta_schedule(*d.spec))
+  full_t = jnp.take(d.timestep_map, t)
+  coef1 = _extract(jnp.asarray(full['posterior_mean_coef1'], x_t.dtype), full_t, x_t.ndim)
+  coef2 = _extract(jnp.asarray(full['posterior_mean_coef2'], x_t.dtype), full_t, x_t.ndim)
+  return (xprev - coef2 * x_t) / coef1
+
+
 # ---------------------------------------------------------------------------
 # Reverse process p.
 
@@ -430,7 +443,13 @@ def p_mean_variance(d: Diffusion, model_output: Array, x_t: Array, t: Array, *,
   variance = jnp.exp(log_variance)
 
   maybe_clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip_denoised else (lambda x: x)
-  if model_mean_type == 'xprev':
+  if model_mean_type == 'xprev' and _is_respaced(d):
+    # The model predicts the full process's one-step posterior mean, not the
+    # respaced step's: read it with the full process's coefficients, then
+    # take the respaced step from the x_0 it implies.
+    pred_x0 = maybe_clip(_x0_from_full_process_xprev(d, x_t, t, mean_out))
+    mean, _, _ = q_posterior(d, pred_x0, x_t, t)
+  elif model_mean_type == 'xprev':
     pred_x0 = maybe_clip(predict_x0_from_xprev(d, x_t, t, mean_out))
     mean = mean_out
   else:

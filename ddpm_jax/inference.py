@@ -70,8 +70,9 @@ def sample(model: nn.Module, params: Any, d: diffusion_lib.Diffusion,
     shape: output shape.
     rng: PRNG key; the result is a deterministic function of it.
     sampler: one of `sampling.SAMPLERS`: 'ddpm' (all T ancestral steps),
-      'respaced' (ancestral over num_steps respaced steps) or 'ddim'.
-    num_steps: steps of 'respaced' and 'ddim'.
+      'respaced' (ancestral over num_steps respaced steps), 'ddim', or the
+      ODE solvers 'dpm_solver' and 'unipc' (of order `sampling.solver_order`).
+    num_steps: steps (model calls) of every sampler but 'ddpm'.
     mesh: optional data mesh to split the batch over.
 
   Returns:
@@ -84,9 +85,14 @@ def sample(model: nn.Module, params: Any, d: diffusion_lib.Diffusion,
     return sampling.p_sample_loop(d, model_fn, shape, rng, **options)
   if sampler == 'respaced':
     return sampling.respaced_sample_loop(d, model_fn, shape, rng, num_steps=num_steps, **options)
-  return sampling.ddim_sample_loop(d, model_fn, shape, rng, num_steps=num_steps,
-                                   eta=config.sampling.ddim_eta, skip=config.sampling.ddim_skip,
-                                   **options)
+  if sampler == 'ddim':
+    return sampling.ddim_sample_loop(d, model_fn, shape, rng, num_steps=num_steps,
+                                     eta=config.sampling.ddim_eta,
+                                     skip=config.sampling.ddim_skip, **options)
+  solver = (sampling.dpm_solver_sample_loop if sampler == 'dpm_solver'
+            else sampling.unipc_sample_loop)
+  return solver(d, model_fn, shape, rng, num_steps=num_steps,
+                order=config.sampling.solver_order, **options)
 
 
 def make_sample_fn(model: nn.Module, d: diffusion_lib.Diffusion,
@@ -150,7 +156,9 @@ def sampler_name(config: ml_collections.ConfigDict, step: int) -> str:
   """A file-name tag that fixes everything the samples depend on."""
   smp = config.sampling
   steps = '' if smp.sampler == 'ddpm' else str(smp.num_steps)
-  extra = f'_eta{smp.ddim_eta:g}_{smp.ddim_skip}' if smp.sampler == 'ddim' else ''
+  extra = {'ddim': f'_eta{smp.ddim_eta:g}_{smp.ddim_skip}',
+           'dpm_solver': f'_order{smp.solver_order}',
+           'unipc': f'_order{smp.solver_order}'}.get(smp.sampler, '')
   return f'{smp.sampler}{steps}{extra}_step{step}_seed{config.seed}'
 
 

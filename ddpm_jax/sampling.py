@@ -16,6 +16,9 @@ trained on the full process with the timesteps it knows.
   * `interpolate`: interpolation in the latent x_t (the paper's Sec. 4.3).
   * `pc_sample_loop`: predictor-corrector sampling (Song et al. 2021,
     score SDE): Langevin corrector steps followed by the ancestral predictor.
+  * `dpm_solver_sample_loop`, `unipc_sample_loop`: multistep solvers of the
+    probability-flow ODE (DPM-Solver++, Lu et al. 2022b; UniPC, Zhao et al.
+    2023), 10-20 model calls; equal to diffusers' schedulers.
 
 Randomness: `rng` is split once into an initial-noise key and a step key;
 the noise of step i is `jax.random.normal(fold_in(step_key, i), shape)`. A
@@ -28,7 +31,7 @@ before tracing anything and raises `ValueError` naming the valid values.
 import functools
 import math
 import numbers
-from typing import Any, Callable, Dict, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +44,8 @@ ModelFn = Callable[[Array, Array], Array]
 
 DDIM_SKIP_TYPES = ('uniform', 'quad')
 # The samplers a config can name (`sampling.sampler`): all T ancestral steps,
-# ancestral steps on a respaced process, or DDIM.
-SAMPLERS = ('ddpm', 'respaced', 'ddim')
+# ancestral steps on a respaced process, DDIM, and the two ODE solvers.
+SAMPLERS = ('ddpm', 'respaced', 'ddim', 'dpm_solver', 'unipc')
 
 
 # ---------------------------------------------------------------------------
@@ -116,6 +119,19 @@ def _sample_dtype(d: diffusion_lib.Diffusion) -> jnp.dtype:
   return d.alphas_cumprod.dtype
 
 
+def _initial_sample(d: diffusion_lib.Diffusion, shape: Tuple[int, ...], rng: Any,
+                    x_T: Any) -> Array:
+  """x_T ~ N(0, I) from `rng`, or the given `x_T` (checked against `shape`)."""
+  dtype = _sample_dtype(d)
+  if x_T is None:
+    return jax.random.normal(rng, shape, dtype)
+  if tuple(jnp.shape(x_T)) != shape:
+    raise ValueError(f'x_T must have the sample shape {shape}, got {tuple(jnp.shape(x_T))}.')
+  if not jnp.issubdtype(jnp.result_type(x_T), jnp.floating):
+    raise ValueError(f'x_T must be a float array, got dtype {jnp.result_type(x_T)}.')
+  return jnp.asarray(x_T, dtype)
+
+
 def _step_noise(key: Array, i: Array, shape: Tuple[int, ...], dtype: Any) -> Array:
   return jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
 
@@ -172,7 +188,8 @@ def _descending(start: int) -> Array:
 
 
 def p_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
-                  rng: Array, *, clip_denoised: bool = True, model_mean_type: str = 'eps',
+                  rng: Array, *, x_T: Optional[Array] = None,
+    clip_denoised: bool = True, model_mean_type: str = 'eps',
                   model_var_type: str = 'fixedlarge') -> Array:
   """Ancestral sampling from x_T ~ N(0, I) down to x_0 (DDPM, Algorithm 2).
 
@@ -181,6 +198,8 @@ def p_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence
     model_fn: `model_fn(x_t, t) -> output`, x_t of `shape`, t int32 [B].
     shape: static sample shape (B, ...data dims), e.g. (B, H, W, C).
     rng: a PRNG key.
+    x_T: optional starting sample of `shape` instead of one drawn from `rng`
+      (which still draws the steps' noise).
     clip_denoised: clip the predicted x_0 to [-1, 1] at every step (the
       original's sampling default).
     model_mean_type: what the model predicts, one of
@@ -198,14 +217,15 @@ def p_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence
   options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
                  model_var_type=model_var_type)
   init_key, noise_key = jax.random.split(rng)
-  x_t = jax.random.normal(init_key, shape, _sample_dtype(d))
+  x_t = _initial_sample(d, shape, init_key, x_T)
   return _ancestral_chain(d, model_fn, x_t, _descending(d.num_timesteps - 1), noise_key,
                           options)
 
 
 def p_sample_loop_progressive(
     d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int], rng: Array, *,
-    every: int = 100, clip_denoised: bool = True, model_mean_type: str = 'eps',
+    every: int = 100, x_T: Optional[Array] = None,
+    clip_denoised: bool = True, model_mean_type: str = 'eps',
     model_var_type: str = 'fixedlarge') -> Tuple[Array, Dict[str, Array]]:
   """Ancestral sampling that also records the chain every `every` steps.
 
@@ -221,6 +241,7 @@ def p_sample_loop_progressive(
     shape: static sample shape (B, ...).
     rng: a PRNG key.
     every: snapshot interval; must divide T.
+    x_T: as in `p_sample_loop`.
     clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`.
 
   Returns:
@@ -240,7 +261,7 @@ def p_sample_loop_progressive(
   options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
                  model_var_type=model_var_type)
   init_key, noise_key = jax.random.split(rng)
-  x_start = jax.random.normal(init_key, shape, _sample_dtype(d))
+  x_start = _initial_sample(d, shape, init_key, x_T)
   step = functools.partial(_ancestral_step, d, model_fn, noise_key, options,
                            with_pred_x0=True)
 
@@ -269,8 +290,9 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, skip: str = 'uniform') ->
   Args:
     num_timesteps: T.
     num_steps: K in [1, T].
-    skip: 'uniform': range(0, T, T // K), which has K entries when K divides
-      T (and up to 2K - 1 otherwise, as in the DDIM code); 'quad':
+    skip: 'uniform': 0, c, 2c, ..., (K - 1) c with c = T // K, so K model
+      calls whether or not K divides T (diffusers' 'leading' spacing; the DDIM
+      code's range(0, T, c) takes up to 2K - 1 steps when it does not); 'quad':
       floor(linspace(0, sqrt(0.8 T), K)**2), K entries, denser near t = 0
       (repeated entries, possible when K is close to T, are steps that leave
       x unchanged).
@@ -280,7 +302,7 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, skip: str = 'uniform') ->
   """
   num_steps = _check_int_range('num_steps', num_steps, 1, num_timesteps)
   if skip == 'uniform':
-    return np.arange(0, num_timesteps, num_timesteps // num_steps, dtype=np.int64)
+    return np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
   if skip == 'quad':
     return (np.linspace(0, math.sqrt(0.8 * num_timesteps), num_steps) ** 2).astype(np.int64)
   raise ValueError(f'Unknown skip {skip!r}; valid choices: {", ".join(DDIM_SKIP_TYPES)}.')
@@ -288,7 +310,8 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, skip: str = 'uniform') ->
 
 def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
                      rng: Array, *, num_steps: int = 50, eta: float = 0.0,
-                     skip: str = 'uniform', clip_denoised: bool = True,
+                     skip: str = 'uniform', x_T: Optional[Array] = None,
+    clip_denoised: bool = True,
                      model_mean_type: str = 'eps',
                      model_var_type: str = 'fixedlarge') -> Array:
   """DDIM sampling (Song, Meng, Ermon 2021, Eq. 12).
@@ -313,6 +336,7 @@ def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Seque
     eta: >= 0; the amount of fresh noise (values above 1 leave
       1 - a_s - sigma^2 < 0 at some steps, which is clamped to 0).
     skip: 'uniform' or 'quad' (see `ddim_timesteps`).
+    x_T: as in `p_sample_loop`.
     clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`.
 
   Returns:
@@ -346,7 +370,7 @@ def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Seque
     x_s = jnp.sqrt(a_s) * out['pred_x0'] + direction * out['pred_eps'] + sigma * noise
     return x_s.astype(x.dtype), None
 
-  x_start = jax.random.normal(init_key, shape, dtype)
+  x_start = _initial_sample(d, shape, init_key, x_T)
   steps = (index, jnp.asarray(seq, jnp.int32), a_t, a_prev)
   x0, _ = jax.lax.scan(body, x_start, steps, reverse=True)
   return x0
@@ -354,7 +378,8 @@ def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Seque
 
 def respaced_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn,
                          shape: Sequence[int], rng: Array, *, num_steps: int,
-                         clip_denoised: bool = True, model_mean_type: str = 'eps',
+                         x_T: Optional[Array] = None,
+    clip_denoised: bool = True, model_mean_type: str = 'eps',
                          model_var_type: str = 'fixedlarge') -> Array:
   """Ancestral sampling on a process respaced to `num_steps` evenly spaced steps.
 
@@ -370,6 +395,7 @@ def respaced_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn,
     shape: static sample shape (B, ...).
     rng: a PRNG key.
     num_steps: K in [1, T].
+    x_T: as in `p_sample_loop`.
     clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`.
 
   Returns:
@@ -383,7 +409,7 @@ def respaced_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn,
   # The tables are rebuilt from d's (static) schedule spec, so this also works
   # when d itself is a traced jit argument.
   respaced = diffusion_lib.respace(d, diffusion_lib.space_timesteps(d.num_timesteps, num_steps))
-  return p_sample_loop(respaced, model_fn, shape, rng, clip_denoised=clip_denoised,
+  return p_sample_loop(respaced, model_fn, shape, rng, x_T=x_T, clip_denoised=clip_denoised,
                        model_mean_type=model_mean_type, model_var_type=model_var_type)
 
 
@@ -445,7 +471,8 @@ def interpolate(d: diffusion_lib.Diffusion, model_fn: ModelFn, x0_a: Array, x0_b
 
 def pc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
                    rng: Array, *, corrector_steps: int = 1, snr: float = 0.16,
-                   clip_denoised: bool = True, model_mean_type: str = 'eps',
+                   x_T: Optional[Array] = None,
+    clip_denoised: bool = True, model_mean_type: str = 'eps',
                    model_var_type: str = 'fixedlarge') -> Array:
   """Predictor-corrector sampling for the VP process (score SDE, Song et al. 2021).
 
@@ -471,6 +498,7 @@ def pc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequenc
     corrector_steps: Langevin steps per timestep, >= 0 (0 is `p_sample_loop`
       with a different noise stream).
     snr: the signal-to-noise ratio setting the Langevin step size, >= 0.
+    x_T: as in `p_sample_loop`.
     clip_denoised, model_mean_type, model_var_type: as in `p_sample_loop`
       (for the predictor).
 
@@ -519,7 +547,293 @@ def pc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequenc
     is_corrector = (k % evals_per_t) < corrector_steps
     return jnp.where(is_corrector, x_corrected, x_predicted).astype(x.dtype), None
 
-  x_start = jax.random.normal(init_key, shape, _sample_dtype(d))
+  x_start = _initial_sample(d, shape, init_key, x_T)
   evaluations = jnp.arange(d.num_timesteps * evals_per_t, dtype=jnp.int32)
   x0, _ = jax.lax.scan(body, x_start, evaluations)
+  return x0
+
+
+# ---------------------------------------------------------------------------
+# Multistep solvers of the probability-flow ODE (DPM-Solver++, UniPC).
+#
+# Both work in data prediction: with alpha_t = sqrt(a_t), sigma_t =
+# sqrt(1 - a_t) and lambda_t = log(alpha_t / sigma_t), the ODE's solution from
+# s to t is exact in its linear part and integrates the model's x_0 against
+# e^{-lambda}, approximated from the last `order` predictions. The timesteps
+# and every rule about step orders are those of diffusers' schedulers with
+# their defaults, so the samples agree with theirs to float rounding.
+
+SOLVER_ORDERS = (1, 2, 3)
+# Where the solvers end: 'zero' denoises to sigma = 0 (x_0) in the last step;
+# 'min' stops at timestep 0's sigma and returns x there (diffusers'
+# final_sigmas_type 'sigma_min').
+FINAL_SIGMAS = ('zero', 'min')
+
+
+def solver_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The K decreasing timesteps the ODE solvers visit: round(linspace(0, T-1, K+1)) without 0.
+
+  The sample at the last of them is carried to sigma = 0 (x_0) by the final step.
+  """
+  num_steps = _check_int_range('num_steps', num_steps, 1, num_timesteps)
+  return np.linspace(0, num_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+
+
+def _check_solver_args(d, shape, rng, x_T, order, model_mean_type, model_var_type,
+                       clip_denoised, dynamic_threshold, final_sigma):
+  _check_diffusion(d)
+  shape = _check_shape(shape)
+  diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
+  if model_mean_type == 'xprev':
+    raise ValueError("The ODE solvers need a model of eps, x0 or v; model_mean_type='xprev' "
+                     'predicts a step of the ancestral chain instead.')
+  if not _is_int(order) or order not in SOLVER_ORDERS:
+    raise ValueError(f'order must be one of {SOLVER_ORDERS}, got {order!r}.')
+  if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
+    raise ValueError(f'dynamic_threshold must be a quantile in (0, 1], got {dynamic_threshold!r}.')
+  if final_sigma not in FINAL_SIGMAS:
+    raise ValueError(f'Unknown final_sigma {final_sigma!r}; valid choices: '
+                     f'{", ".join(FINAL_SIGMAS)}.')
+  if x_T is None:
+    _check_rng(rng)
+  return shape, _initial_sample(d, shape, rng, x_T)
+
+
+def _solver_tables(d: diffusion_lib.Diffusion, timesteps: np.ndarray, dtype: Any,
+                   final_sigma: str) -> Tuple[Array, Array, Array]:
+  """alpha, sigma and lambda [K + 1] at the visited timesteps, then at the end point."""
+  a = jnp.take(d.alphas_cumprod, jnp.asarray(timesteps)).astype(dtype)
+  ratio = jnp.sqrt((1.0 - a) / a)  # sigma / alpha, diffusers' "sigma"
+  a_0 = d.alphas_cumprod[0].astype(dtype)
+  last = jnp.zeros((1,), dtype) if final_sigma == 'zero' else jnp.sqrt((1.0 - a_0) / a_0)[None]
+  ratio = jnp.concatenate([ratio, last])
+  alpha = 1.0 / jnp.sqrt(jnp.square(ratio) + 1.0)
+  sigma = ratio * alpha
+  return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)  # lambda = +inf at sigma = 0
+
+
+def _data_prediction(d, model_fn, x, t_scalar, alpha, sigma, model_mean_type, model_var_type,
+                     clip_denoised, dynamic_threshold):
+  """The model's x_0 at (x, t), from whatever it predicts; optionally clipped or thresholded."""
+  output = _call_model(d, model_fn, x, _full(x.shape[0], t_scalar))
+  mean_out, _ = diffusion_lib.split_model_output(output, x, model_var_type)
+  if model_mean_type == 'eps':
+    x0 = (x - sigma * mean_out) / alpha
+  elif model_mean_type == 'v':
+    x0 = alpha * x - sigma * mean_out
+  else:
+    x0 = mean_out
+  if dynamic_threshold is not None:
+    # Imagen's dynamic thresholding: per example, s = the quantile of |x_0|
+    # (at least 1); clip to [-s, s] and rescale to [-1, 1].
+    axes = tuple(range(1, x.ndim))
+    flat = jnp.abs(x0).reshape(x0.shape[0], -1)
+    s = jnp.maximum(jnp.quantile(flat, dynamic_threshold, axis=1), 1.0)
+    s = s.reshape((-1,) + (1,) * len(axes)).astype(x0.dtype)
+    x0 = jnp.clip(x0, -s, s) / s
+  if clip_denoised:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+  return x0
+
+
+def _dpm_solver_orders(num_steps: int, order: int, final_sigma: str) -> np.ndarray:
+  """The order of each step: lower at the start (warm-up) and at the end, as diffusers does."""
+  orders = []
+  for i in range(num_steps):
+    warm = min(i, order)  # predictions available before this step
+    # A step to sigma = 0 is only defined at order 1.
+    lower_final = i == num_steps - 1 and (final_sigma == 'zero' or num_steps < 15)
+    if order == 1 or warm < 1 or lower_final:
+      orders.append(1)
+    elif order == 2 or warm < 2 or (i == num_steps - 2 and num_steps < 15):
+      orders.append(2)
+    else:
+      orders.append(3)
+  return np.asarray(orders, np.int32)
+
+
+def _dpm_solver_update(order: int, x, preds, i, tables):
+  """One DPM-Solver++ step of `order` from timestep index i to i + 1 (Lu et al. 2022b)."""
+  alpha, sigma, lam = tables
+  h = lam[i + 1] - lam[i]
+  phi = jnp.expm1(-h)
+  x_next = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * phi * preds[0]
+  if order == 1:
+    return x_next
+  r0 = (lam[i] - lam[i - 1]) / h
+  d1_0 = (preds[0] - preds[1]) / r0
+  if order == 2:
+    return x_next - 0.5 * alpha[i + 1] * phi * d1_0
+  r1 = (lam[i - 1] - lam[i - 2]) / h
+  d1_1 = (preds[1] - preds[2]) / r1
+  d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+  d2 = (d1_0 - d1_1) / (r0 + r1)
+  return (x_next + alpha[i + 1] * (phi / h + 1.0) * d1
+          - alpha[i + 1] * ((phi + h) / jnp.square(h) - 0.5) * d2)
+
+
+def dpm_solver_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
+                           rng: Array, *, num_steps: int = 20, order: int = 2,
+                           x_T: Optional[Array] = None, clip_denoised: bool = False,
+                           model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge',
+                           dynamic_threshold: Optional[float] = None,
+                           final_sigma: str = 'zero') -> Array:
+  """Multistep DPM-Solver++ (Lu et al. 2022b) of the probability-flow ODE, `num_steps` model calls.
+
+  Equal, to float rounding, to diffusers' `DPMSolverMultistepScheduler(
+  algorithm_type='dpmsolver++', solver_order=order)` with its other defaults
+  (linspace timesteps, lower-order final steps, final sigma 0) on the same
+  betas, x_T and model. Deterministic given x_T.
+
+  Args:
+    d: the process (T steps; may be respaced).
+    model_fn: as in `p_sample_loop`; called once per step.
+    shape: static sample shape (B, ...).
+    rng: a PRNG key for x_T ~ N(0, I); unused when `x_T` is given.
+    num_steps: K in [1, T], the number of model calls.
+    order: 1, 2 or 3 (1 is DDIM with eta = 0 on these timesteps).
+    x_T: optional starting sample of `shape`.
+    clip_denoised: clip each predicted x_0 to [-1, 1].
+    model_mean_type: 'eps', 'x0' or 'v'.
+    model_var_type: any of `diffusion.MODEL_VAR_TYPES`; only a learned
+      variance's mean channels are used.
+    dynamic_threshold: optional quantile p in (0, 1] for Imagen's dynamic
+      thresholding of the predicted x_0 (e.g. 0.995).
+    final_sigma: 'zero' (default) ends with x_0; 'min' ends at timestep 0
+      and returns x_0's noisy neighbour there (diffusers' 'sigma_min').
+
+  Returns:
+    x_0 of `shape`.
+  """
+  shape, x_start = _check_solver_args(d, shape, rng, x_T, order, model_mean_type,
+                                      model_var_type, clip_denoised, dynamic_threshold, final_sigma)
+  timesteps = solver_timesteps(d.num_timesteps, num_steps)
+  tables = _solver_tables(d, timesteps, x_start.dtype, final_sigma)
+  alpha, sigma, _ = tables
+  predict = functools.partial(_data_prediction, d, model_fn, model_mean_type=model_mean_type,
+                              model_var_type=model_var_type, clip_denoised=clip_denoised,
+                              dynamic_threshold=dynamic_threshold)
+  updates = [functools.partial(_dpm_solver_update, k) for k in range(1, order + 1)]
+
+  def body(carry, step):
+    x, preds = carry  # preds: the x_0 predictions of the last `order` steps, newest first
+    i, t_scalar, step_order = step
+    x0 = predict(x, t_scalar, alpha[i], sigma[i])
+    preds = jnp.concatenate([x0[None], preds[:-1]])
+    x_next = jax.lax.switch(step_order - 1, updates, x, preds, i, tables)
+    return (x_next.astype(x.dtype), preds), None
+
+  steps = (jnp.arange(len(timesteps), dtype=jnp.int32), jnp.asarray(timesteps, jnp.int32),
+           jnp.asarray(_dpm_solver_orders(len(timesteps), order, final_sigma)))
+  init = (x_start, jnp.zeros((order,) + shape, x_start.dtype))
+  (x0, _), _ = jax.lax.scan(body, init, steps)
+  return x0
+
+
+def _unipc_update(order: int, corrector: bool, x, m0, older, lam_t, lam_s0, lam_older,
+                  alpha_t, sigma_t, sigma_s0, model_t=None):
+  """UniP (predictor) or UniC (corrector) of `order` with B(h) = e^h - 1 (Zhao et al. 2023, bh2).
+
+  `m0` is the x_0 prediction at s0, `older[k]` (lambda `lam_older[k]`) the
+  one k + 1 steps before it; the corrector also takes `model_t`, the
+  prediction at the new point.
+  """
+  hh = -(lam_t - lam_s0)
+  h_phi_1 = jnp.expm1(hh)
+  b_h = h_phi_1
+  x_next = (sigma_t / sigma_s0) * x - alpha_t * h_phi_1 * m0
+  # b_k = h phi_{k+1}(h) k! / B(h); R[k, j] = r_j^k with r = (rks..., 1).
+  h_phi_k, factorial, b = h_phi_1 / hh - 1.0, 1.0, []
+  for k in range(1, order + 1):
+    b.append(h_phi_k * factorial / b_h)
+    factorial *= k + 1
+    h_phi_k = h_phi_k / hh - 1.0 / factorial
+  rks = [(lam_older[k] - lam_s0) / (lam_t - lam_s0) for k in range(order - 1)]
+  d1s = [(older[k] - m0) / rks[k] for k in range(order - 1)]
+  rows = [jnp.stack([r ** k for r in rks + [jnp.ones_like(lam_t)]]) for k in range(order)]
+  if not corrector:
+    if order == 1:
+      return x_next
+    if order == 2:
+      rhos = [0.5]
+    else:
+      rhos = list(jnp.linalg.solve(jnp.stack(rows[:-1])[:, :-1], jnp.stack(b[:-1])))
+    return x_next - alpha_t * b_h * sum(rho * d for rho, d in zip(rhos, d1s))
+  rhos = [0.5] if order == 1 else list(jnp.linalg.solve(jnp.stack(rows), jnp.stack(b)))
+  correction = sum((rho * d for rho, d in zip(rhos[:-1], d1s)), jnp.zeros_like(x))
+  return x_next - alpha_t * b_h * (correction + rhos[-1] * (model_t - m0))
+
+
+def _unipc_orders(num_steps: int, order: int) -> np.ndarray:
+  """The predictor order of each step: min(order, steps left, predictions so far + 1)."""
+  return np.asarray([min(order, num_steps - i, i + 1) for i in range(num_steps)], np.int32)
+
+
+def unipc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
+                      rng: Array, *, num_steps: int = 10, order: int = 2,
+                      x_T: Optional[Array] = None, clip_denoised: bool = False,
+                      model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge',
+                      dynamic_threshold: Optional[float] = None,
+                      final_sigma: str = 'zero') -> Array:
+  """UniPC (Zhao et al. 2023; bh2, data prediction): a multistep predictor-corrector ODE solver.
+
+  Each step's model call also corrects the previous step (UniC) before
+  predicting the next (UniP), so K steps cost K model calls. Equal, to float
+  rounding, to diffusers' `UniPCMultistepScheduler(solver_order=order)` with
+  its other defaults on the same betas, x_T and model.
+
+  Args:
+    d, model_fn, shape, rng, x_T, clip_denoised, model_mean_type,
+    model_var_type, dynamic_threshold, final_sigma: as in `dpm_solver_sample_loop`.
+    num_steps: K in [1, T], the number of model calls.
+    order: 1, 2 or 3, the predictor's order (the corrector's is one more).
+
+  Returns:
+    x_0 of `shape`.
+  """
+  shape, x_start = _check_solver_args(d, shape, rng, x_T, order, model_mean_type,
+                                      model_var_type, clip_denoised, dynamic_threshold, final_sigma)
+  timesteps = solver_timesteps(d.num_timesteps, num_steps)
+  alpha, sigma, lam = _solver_tables(d, timesteps, x_start.dtype, final_sigma)
+  predict = functools.partial(_data_prediction, d, model_fn, model_mean_type=model_mean_type,
+                              model_var_type=model_var_type, clip_denoised=clip_denoised,
+                              dynamic_threshold=dynamic_threshold)
+  orders = _unipc_orders(len(timesteps), order)
+
+  def at(table, i):
+    return table[jnp.maximum(i, 0)]
+
+  def predictor(k):
+    def update(x, preds, i, _):
+      older = [preds[j] for j in range(1, k)]
+      return _unipc_update(k, False, x, preds[0], older, lam[i + 1], lam[i],
+                           [at(lam, i - j) for j in range(1, k)], alpha[i + 1], sigma[i + 1],
+                           sigma[i])
+    return update
+
+  def corrector(k):
+    def update(x, last_x, preds, i, x0):
+      # Corrects x_i, predicted from last_x at i - 1, with the new prediction x0.
+      older = [preds[j] for j in range(1, k)]
+      return _unipc_update(k, True, last_x, preds[0], older, lam[i], at(lam, i - 1),
+                           [at(lam, i - 1 - j) for j in range(1, k)], alpha[i], sigma[i],
+                           at(sigma, i - 1), model_t=x0)
+    return update
+
+  correctors = [lambda x, *_: x] + [corrector(k) for k in range(1, order + 1)]
+  predictors = [predictor(k) for k in range(1, order + 1)]
+
+  def body(carry, step):
+    x, last_x, preds = carry  # preds: the last `order` x_0 predictions, newest first
+    i, t_scalar, step_order, previous_order = step
+    x0 = predict(x, t_scalar, alpha[i], sigma[i])
+    x = jax.lax.switch(previous_order, correctors, x, last_x, preds, i, x0).astype(x.dtype)
+    preds = jnp.concatenate([x0[None], preds[:-1]])
+    x_next = jax.lax.switch(step_order - 1, predictors, x, preds, i, None)
+    return (x_next.astype(x.dtype), x, preds), None
+
+  steps = (jnp.arange(len(timesteps), dtype=jnp.int32), jnp.asarray(timesteps, jnp.int32),
+           jnp.asarray(orders), jnp.asarray(np.concatenate([[0], orders[:-1]]), jnp.int32))
+  init = (x_start, x_start, jnp.zeros((order,) + shape, x_start.dtype))
+  (x0, _, _), _ = jax.lax.scan(body, init, steps)
   return x0
