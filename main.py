@@ -17,7 +17,8 @@ from ml_collections import config_flags
 MODES = ('train', 'sample', 'eval')
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file (configs/*.py).', lock_config=True)
+  'config', None, 'Experiment config file (configs/*.py).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -29,17 +30,21 @@ def main(argv):
   # Imported after flag parsing, so `--help` answers without starting JAX or TF.
   # pylint: disable=g-import-not-at-top
   from ddpm_jax import platform
+
   platform.setup(_WORKDIR.value)  # May re-execute this process once (huge pages).
   config = _CONFIG.value
   logging.info('Config:\n%s', config)
   if _MODE.value == 'train':
     from ddpm_jax import train
+
     train.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == 'sample':
     from ddpm_jax import sample
+
     sample.sample_and_save(config, _WORKDIR.value)
   else:
     from ddpm_jax import evaluate
+
     evaluate.evaluate(config, _WORKDIR.value)
 
 

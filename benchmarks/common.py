@@ -11,19 +11,30 @@ import gc
 import math
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any
+from collections.abc import Callable, Mapping
 
 MIB = 1024.0 * 1024.0
 
 
-def summarize(times: List[float]) -> Dict[str, Any]:
+def summarize(times: list[float]) -> dict[str, Any]:
   """Median (the number reported), min, max of per-call seconds."""
-  return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
-              repeats=len(times), times_s=[round(t, 6) for t in times])
+  return dict(
+    median_s=statistics.median(times),
+    min_s=min(times),
+    max_s=max(times),
+    repeats=len(times),
+    times_s=[round(t, 6) for t in times],
+  )
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 1,
-                     min_seconds: float = 0.0) -> Dict[str, Dict[str, Any]]:
+def time_interleaved(
+  fns: Mapping[str, Callable[[], object]],
+  *,
+  repeats: int,
+  warmup: int = 1,
+  min_seconds: float = 0.0,
+) -> dict[str, dict[str, Any]]:
   """Times several workloads in turns (a, b, a, b, ...), each after its warm-up.
 
   Taking turns spreads any drift of the machine's speed evenly over the
@@ -50,7 +61,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, repeats: int, w
       fn()
       elapsed = time.perf_counter() - t0
     inner[name] = max(1, math.ceil(min_seconds / max(elapsed, 1e-9))) if min_seconds else 1
-  times: Dict[str, List[float]] = {name: [] for name in fns}
+  times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       t0 = time.perf_counter()
@@ -60,7 +71,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, repeats: int, w
   return {name: dict(summarize(times[name]), calls_per_sample=inner[name]) for name in fns}
 
 
-def _status_mib(field: str) -> Optional[float]:
+def _status_mib(field: str) -> float | None:
   """A memory field of /proc/self/status in MiB (None off Linux)."""
   try:
     with open('/proc/self/status') as f:
@@ -95,9 +106,9 @@ class PeakMemory:
   def __init__(self):
     release_free_memory()
     self.baseline = _status_mib('VmRSS')
-    self.result: Dict[str, Any] = {}
+    self.result: dict[str, Any] = {}
 
-  def __enter__(self) -> 'PeakMemory':
+  def __enter__(self) -> PeakMemory:
     release_free_memory()
     try:
       with open('/proc/self/clear_refs', 'w') as f:
@@ -110,7 +121,9 @@ class PeakMemory:
   def __exit__(self, *exc) -> None:
     peak = _status_mib('VmHWM')
     known = peak is not None and self.baseline is not None
-    self.result = dict(baseline_rss_mib=self.baseline and round(self.baseline, 1),
-                       peak_rss_mib=peak and round(peak, 1),
-                       workload_mib=round(peak - self.baseline, 1) if known else None,
-                       peak_reset=self._reset)
+    self.result = dict(
+      baseline_rss_mib=self.baseline and round(self.baseline, 1),
+      peak_rss_mib=peak and round(peak, 1),
+      workload_mib=round(peak - self.baseline, 1) if known else None,
+      peak_reset=self._reset,
+    )

@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Dict
+from collections.abc import Callable
 
 from absl import app
 from absl import flags
@@ -52,12 +52,15 @@ def _seconds(fn: Callable[[], object]) -> float:
   return time.perf_counter() - start
 
 
-def _compare(title: str, base: Callable[[], object], variants: Dict[str, Callable[[], object]],
-             repeats: int) -> None:
+def _compare(
+  title: str, base: Callable[[], object], variants: dict[str, Callable[[], object]], repeats: int
+) -> None:
   """Prints each variant's time relative to `base`, timed in alternating pairs."""
   print(f'\n{title}: time without the kernel / time with it')
-  print('| kernel swapped out | median ratio [quartiles] | ratio of fastest calls | with (s) |'
-        ' without (s) |')
+  print(
+    '| kernel swapped out | median ratio [quartiles] | ratio of fastest calls | with (s) |'
+    ' without (s) |'
+  )
   print('|---|---|---|---|---|')
   jax.block_until_ready(base())
   for name, fn in variants.items():
@@ -72,29 +75,47 @@ def _compare(title: str, base: Callable[[], object], variants: Dict[str, Callabl
         without.append(_seconds(fn))
     ratios = np.array(without) / np.array(with_)
     low, mid, high = np.percentile(ratios, [25, 50, 75])
-    print(f'| {name} | {mid:.3f} [{low:.3f}, {high:.3f}] | {min(without) / min(with_):.3f} |'
-          f' {np.median(with_):.3f} | {np.median(without):.3f} |', flush=True)
+    print(
+      f'| {name} | {mid:.3f} [{low:.3f}, {high:.3f}] | {min(without) / min(with_):.3f} |'
+      f' {np.median(with_):.3f} | {np.median(without):.3f} |',
+      flush=True,
+    )
 
 
 def main(argv):
   del argv
   cpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
   print(next((line for line in cpu.splitlines() if line.startswith('Model name')), 'CPU ?'))
-  print(f'jax {jax.__version__}, backend {jax.default_backend()}, batch {FLAGS.batch}, '
-        f'{FLAGS.repeats} pairs per variant')
+  print(
+    f'jax {jax.__version__}, backend {jax.default_backend()}, batch {FLAGS.batch}, '
+    f'{FLAGS.repeats} pairs per variant'
+  )
 
   config = cifar10.get_config()
-  d = diffusion_lib.make_diffusion(config.diffusion.beta_schedule, config.diffusion.num_timesteps,
-                                   config.diffusion.beta_start, config.diffusion.beta_end)
+  d = diffusion_lib.make_diffusion(
+    config.diffusion.beta_schedule,
+    config.diffusion.num_timesteps,
+    config.diffusion.beta_start,
+    config.diffusion.beta_end,
+  )
   size = config.data.image_size
   images = jax.random.uniform(jax.random.key(1), (FLAGS.batch, size, size, 3), minval=-1.0)
   t = jnp.arange(FLAGS.batch, dtype=jnp.int32) * 100
-  state = jax.jit(functools.partial(ts.create_train_state, UNet(layers=layers.FAST), config,
-                                    image_shape=(size, size, 3)))(jax.random.key(0))
+  state = jax.jit(
+    functools.partial(
+      ts.create_train_state, UNet(layers=layers.FAST), config, image_shape=(size, size, 3)
+    )
+  )(jax.random.key(0))
   optim = config.optim
-  optax_chain = optax.with_extra_args_support(adam_kernel.reference(
-      ts.learning_rate_schedule(optim), b1=optim.beta1, b2=optim.beta2, eps=optim.eps,
-      max_norm=optim.grad_clip))
+  optax_chain = optax.with_extra_args_support(
+    adam_kernel.reference(
+      ts.learning_rate_schedule(optim),
+      b1=optim.beta1,
+      b2=optim.beta2,
+      eps=optim.eps,
+      max_norm=optim.grad_clip,
+    )
+  )
 
   # The fast set with one kernel swapped out, for each field where it has one.
   models = {}
@@ -104,10 +125,15 @@ def main(argv):
       models[field.name] = UNet(layers=dataclasses.replace(layers.FAST, **{field.name: reference}))
   models['all layers'] = UNet(layers=layers.REFERENCE)
 
-  forward = lambda m: functools.partial(jax.jit(functools.partial(m.apply, train=False)),
-                                        {'params': state.params}, images, t)
-  _compare('forward pass', forward(UNet(layers=layers.FAST)),
-           {name: forward(m) for name, m in models.items()}, FLAGS.repeats)
+  forward = lambda m: functools.partial(
+    jax.jit(functools.partial(m.apply, train=False)), {'params': state.params}, images, t
+  )
+  _compare(
+    'forward pass',
+    forward(UNet(layers=layers.FAST)),
+    {name: forward(m) for name, m in models.items()},
+    FLAGS.repeats,
+  )
 
   step = jax.jit(functools.partial(ts.train_step, diffusion=d, config=config))
   train = lambda s: functools.partial(step, s, {'image': images}, jax.random.key(2))

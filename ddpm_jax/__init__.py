@@ -1,3 +1,3 @@
 """ddpm-jax: Denoising Diffusion Probabilistic Models in JAX and Flax."""
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -43,15 +44,18 @@ _MAY_DIFFER_ON_RESUME = ('model.layers',)
 def abstract_train_state(model, config: ml_collections.ConfigDict, image_shape, mesh) -> Any:
   """Shapes, dtypes and (replicated) shardings of the state, without allocating it."""
   abstract = jax.eval_shape(
-      functools.partial(train_state_lib.create_train_state, model, config,
-                        image_shape=image_shape), jax.random.key(0))
+    functools.partial(train_state_lib.create_train_state, model, config, image_shape=image_shape),
+    jax.random.key(0),
+  )
   replicated = sharding_lib.replicated(mesh)
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+  )
 
 
-def check_resume_compatible(saved_config: Dict[str, Any], config: ml_collections.ConfigDict,
-                            workdir: str) -> None:
+def check_resume_compatible(
+  saved_config: dict[str, Any], config: ml_collections.ConfigDict, workdir: str
+) -> None:
   """Raises TrainingError if the checkpoint was made with another model or process."""
   current = json.loads(config.to_json_best_effort())
   differences = []
@@ -59,19 +63,28 @@ def check_resume_compatible(saved_config: Dict[str, Any], config: ml_collections
     saved, now = saved_config.get(section, {}), current.get(section, {})
     for key in sorted(set(saved) | set(now)):
       if f'{section}.{key}' not in _MAY_DIFFER_ON_RESUME and saved.get(key) != now.get(key):
-        differences.append(f'{section}.{key}: checkpoint has {saved.get(key)!r}, '
-                           f'config has {now.get(key)!r}')
+        differences.append(
+          f'{section}.{key}: checkpoint has {saved.get(key)!r}, config has {now.get(key)!r}'
+        )
   if differences:
     raise errors.TrainingError(
-        f'The checkpoint in {workdir} was made with a different configuration:\n  ' +
-        '\n  '.join(differences) + '\nUse a new --workdir, or the original config.')
+      f'The checkpoint in {workdir} was made with a different configuration:\n  '
+      + '\n  '.join(differences)
+      + '\nUse a new --workdir, or the original config.'
+    )
 
 
 class Checkpointer:
   """Saves and restores train states in `directory/<step>/`."""
 
-  def __init__(self, directory: str, *, max_to_keep: Optional[int] = 3,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int | None = 3,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     """Opens (or creates) a checkpoint directory.
 
     Args:
@@ -82,27 +95,28 @@ class Checkpointer:
     """
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=async_save,
-        # Leftover temporary folders of an interrupted save are removed at start.
-        cleanup_tmp_directories=not read_only,
-        # The step folder is made before save() returns: a read-only or full
-        # disk fails there, at once, rather than leaving background writers
-        # waiting (20 minutes) for a folder that never comes.
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+      max_to_keep=max_to_keep,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+      # Leftover temporary folders of an interrupted save are removed at start.
+      cleanup_tmp_directories=not read_only,
+      # The step folder is made before save() returns: a read-only or full
+      # disk fails there, at once, rather than leaving background writers
+      # waiting (20 minutes) for a folder that never comes.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=('state', 'config'))
+      self.directory, options=options, item_names=('state', 'config')
+    )
     # The step of the newest save started, so a failure surfacing later can name it.
-    self._saving_step: Optional[int] = None
+    self._saving_step: int | None = None
 
   def all_steps(self) -> Sequence[int]:
     """Committed steps, ascending."""
     return sorted(self._manager.all_steps())
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     """The newest committed step, or None when there is none."""
     return self._manager.latest_step()
 
@@ -117,12 +131,12 @@ class Checkpointer:
     self.wait()
     with self._failures_named(step):
       started = self._manager.save(
-          int(step),
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state),
-              config=ocp.args.JsonSave(json.loads(config_json)),
-          ),
-          force=force,
+        int(step),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          config=ocp.args.JsonSave(json.loads(config_json)),
+        ),
+        force=force,
       )
       if started:
         self._saving_step = int(step)
@@ -146,9 +160,13 @@ class Checkpointer:
       self._manager.check_for_errors()
     self._saving_step = None
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None, *,
-              check_config: Optional[Callable[[Dict[str, Any]], None]] = None
-              ) -> Tuple[Any, int]:
+  def restore(
+    self,
+    abstract_state: Any,
+    step: int | None = None,
+    *,
+    check_config: Callable[[dict[str, Any]], None] | None = None,
+  ) -> tuple[Any, int]:
     """Restores the state of `step` (default: newest), with fall-back.
 
     If the requested (or newest) step cannot be read, the error is logged
@@ -184,16 +202,18 @@ class Checkpointer:
         check_config(saved_config)
       try:
         restored = self._manager.restore(
-            candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+          candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
         return restored['state'], candidate
       except Exception as e:  # pylint: disable=broad-except
         # Orbax raises many types here (missing files, bad metadata, shape
         # mismatch, tensorstore errors); all mean "this step is unusable".
         errors.append(self._log_unreadable(candidate, e))
-    raise CheckpointError(f'No checkpoint in {self.directory} could be restored:\n  ' +
-                          '\n  '.join(errors))
+    raise CheckpointError(
+      f'No checkpoint in {self.directory} could be restored:\n  ' + '\n  '.join(errors)
+    )
 
-  def restore_config(self, step: Optional[int] = None) -> Dict[str, Any]:
+  def restore_config(self, step: int | None = None) -> dict[str, Any]:
     """The config JSON saved with `step` (default: newest)."""
     step = self.latest_step() if step is None else step
     if step is None:
@@ -238,13 +258,19 @@ class Checkpointer:
     try:
       self._manager.close()
     except Exception as e:  # pylint: disable=broad-except
-      logging.error('Closing the checkpoints in %s: a save failed: %s: %s', self.directory,
-                    type(e).__name__, e)
+      logging.error(
+        'Closing the checkpoints in %s: a save failed: %s: %s', self.directory, type(e).__name__, e
+      )
 
   def _log_unreadable(self, step: int, error: Exception) -> str:
     message = f'step {step}: {type(error).__name__}: {error}'
-    logging.error('The checkpoint of step %d in %s cannot be restored (%s: %s).', step,
-                  self.directory, type(error).__name__, error)
+    logging.error(
+      'The checkpoint of step %d in %s cannot be restored (%s: %s).',
+      step,
+      self.directory,
+      type(error).__name__,
+      error,
+    )
     return message
 
   @contextlib.contextmanager
@@ -257,5 +283,6 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and the file system raise many types (OSError, ValueError, ...).
       raise CheckpointError(
-          f'Saving the checkpoint of step {step} to {self.directory} failed: '
-          f'{type(e).__name__}: {e}. Older committed steps are intact.') from e
+        f'Saving the checkpoint of step {step} to {self.directory} failed: '
+        f'{type(e).__name__}: {e}. Older committed steps are intact.'
+      ) from e

@@ -5,8 +5,6 @@ Type errors and typos in overrides are already caught by ml_collections
 work together, and says which choices are valid.
 """
 
-from typing import List
-
 import ml_collections
 
 from ddpm_jax import diffusion as diffusion_lib
@@ -22,12 +20,12 @@ from ddpm_jax.models import layers
 ConfigError = errors.ConfigError
 
 
-def _choice(problems: List[str], name: str, value, choices) -> None:
+def _choice(problems: list[str], name: str, value, choices) -> None:
   if value not in choices:
     problems.append(f'{name}={value!r} is not one of: {", ".join(map(str, choices))}.')
 
 
-def _positive(problems: List[str], name: str, value) -> None:
+def _positive(problems: list[str], name: str, value) -> None:
   if not value > 0:
     problems.append(f'{name} must be > 0, got {value!r}.')
 
@@ -39,7 +37,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     config: the experiment config.
     num_devices: devices the global batch will be split over.
   """
-  problems: List[str] = []
+  problems: list[str] = []
   data, model, dc = config.data, config.model, config.diffusion
   optim, training, smp = config.optim, config.training, config.sampling
 
@@ -64,20 +62,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   else:
     for mult in model.ch_mult:
       if (model.ch * mult) % layers.NUM_GROUPS:
-        problems.append(f'model.ch * ch_mult = {model.ch * mult} channels do not divide into '
-                        f'the {layers.NUM_GROUPS} GroupNorm groups; use multiples of '
-                        f'{layers.NUM_GROUPS}.')
+        problems.append(
+          f'model.ch * ch_mult = {model.ch * mult} channels do not divide into '
+          f'the {layers.NUM_GROUPS} GroupNorm groups; use multiples of '
+          f'{layers.NUM_GROUPS}.'
+        )
         break
     factor = 2 ** (len(model.ch_mult) - 1)
     if data.image_size % factor:
-      problems.append(f'data.image_size={data.image_size} does not divide by {factor}, which '
-                      f'the {len(model.ch_mult)}-level U-Net (model.ch_mult={tuple(model.ch_mult)}) '
-                      'needs for its downsampling; change one of them.')
+      problems.append(
+        f'data.image_size={data.image_size} does not divide by {factor}, which '
+        f'the {len(model.ch_mult)}-level U-Net (model.ch_mult={tuple(model.ch_mult)}) '
+        'needs for its downsampling; change one of them.'
+      )
     resolutions = [data.image_size // 2**i for i in range(len(model.ch_mult))]
     for r in model.attn_resolutions:
       if r not in resolutions:
-        problems.append(f'model.attn_resolutions has {r}, but the U-Net only has the '
-                        f'resolutions {resolutions}.')
+        problems.append(
+          f'model.attn_resolutions has {r}, but the U-Net only has the resolutions {resolutions}.'
+        )
 
   _choice(problems, 'diffusion.beta_schedule', dc.beta_schedule, schedules.BETA_SCHEDULES)
   _choice(problems, 'diffusion.model_mean_type', dc.model_mean_type, diffusion_lib.MODEL_MEAN_TYPES)
@@ -85,12 +88,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(problems, 'diffusion.loss_type', dc.loss_type, losses.LOSS_TYPES)
   _positive(problems, 'diffusion.num_timesteps', dc.num_timesteps)
   if dc.loss_type == 'hybrid' and dc.model_var_type not in ('learned', 'learned_range'):
-    problems.append("diffusion.loss_type='hybrid' needs model_var_type 'learned' or "
-                    f"'learned_range', got {dc.model_var_type!r}.")
-  if dc.beta_schedule in schedules.RANGE_SCHEDULES and not (
-      0 < dc.beta_start <= dc.beta_end < 1):
-    problems.append('diffusion.beta_start/beta_end must satisfy 0 < start <= end < 1, got '
-                    f'{dc.beta_start}, {dc.beta_end}.')
+    problems.append(
+      "diffusion.loss_type='hybrid' needs model_var_type 'learned' or "
+      f"'learned_range', got {dc.model_var_type!r}."
+    )
+  if dc.beta_schedule in schedules.RANGE_SCHEDULES and not (0 < dc.beta_start <= dc.beta_end < 1):
+    problems.append(
+      'diffusion.beta_start/beta_end must satisfy 0 < start <= end < 1, got '
+      f'{dc.beta_start}, {dc.beta_end}.'
+    )
 
   _positive(problems, 'optim.learning_rate', optim.learning_rate)
   if not 0.0 <= optim.ema_decay < 1.0:
@@ -98,8 +104,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
   _positive(problems, 'training.batch_size', training.batch_size)
   if training.batch_size > 0 and training.batch_size % num_devices:
-    problems.append(f'training.batch_size={training.batch_size} does not divide by the '
-                    f'{num_devices} devices; use a multiple of {num_devices}.')
+    problems.append(
+      f'training.batch_size={training.batch_size} does not divide by the '
+      f'{num_devices} devices; use a multiple of {num_devices}.'
+    )
   _positive(problems, 'training.num_train_steps', training.num_train_steps)
   _positive(problems, 'training.steps_per_call', training.steps_per_call)
   _positive(problems, 'training.log_every_steps', training.log_every_steps)
@@ -107,11 +115,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for name in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
     every = training[name]
     if every > 0 and training.steps_per_call > 0 and every % training.steps_per_call:
-      problems.append(f'training.{name}={every} must be a multiple of '
-                      f'training.steps_per_call={training.steps_per_call}.')
+      problems.append(
+        f'training.{name}={every} must be a multiple of '
+        f'training.steps_per_call={training.steps_per_call}.'
+      )
   if training.sample_every_steps > 0 and training.num_sample_images % num_devices:
-    problems.append(f'training.num_sample_images={training.num_sample_images} does not divide '
-                    f'by the {num_devices} devices.')
+    problems.append(
+      f'training.num_sample_images={training.num_sample_images} does not divide '
+      f'by the {num_devices} devices.'
+    )
 
   for sampler_field, steps_field in (('sampler', 'num_steps'), ('grid_sampler', 'grid_num_steps')):
     try:
@@ -123,10 +135,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if smp.ddim_eta < 0:
     problems.append(f'sampling.ddim_eta must be >= 0, got {smp.ddim_eta}.')
   if smp.batch_size % num_devices:
-    problems.append(f'sampling.batch_size={smp.batch_size} does not divide by the '
-                    f'{num_devices} devices.')
-  _choice(problems, 'eval.feature_extractor', config.eval.feature_extractor,
-          metrics.FEATURE_EXTRACTORS)
+    problems.append(
+      f'sampling.batch_size={smp.batch_size} does not divide by the {num_devices} devices.'
+    )
+  _choice(
+    problems, 'eval.feature_extractor', config.eval.feature_extractor, metrics.FEATURE_EXTRACTORS
+  )
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

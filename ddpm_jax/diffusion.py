@@ -19,7 +19,8 @@ the two, improved DDPM); learned ones take 2*C output channels, the mean
 channels first.
 """
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
@@ -37,6 +38,7 @@ MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
 
 class ScheduleSpec(NamedTuple):
   """How a Diffusion's tables were made; kept so it can be respaced exactly."""
+
   beta_schedule: str
   num_timesteps: int
   beta_start: float
@@ -51,6 +53,7 @@ class Diffusion:
   trained with: the identity for an ordinary process, the kept timesteps for
   a respaced one (`respace`). Every call of a model goes through it.
   """
+
   betas: Array
   alphas_cumprod: Array
   alphas_cumprod_prev: Array
@@ -73,7 +76,7 @@ class Diffusion:
     return self.betas.shape[0]
 
 
-def _tables_from_betas(betas: np.ndarray) -> Dict[str, np.ndarray]:
+def _tables_from_betas(betas: np.ndarray) -> dict[str, np.ndarray]:
   """All tables in float64, from betas [T] (the original's formulas)."""
   betas = np.asarray(betas, dtype=np.float64)
   alphas = 1.0 - betas
@@ -82,25 +85,28 @@ def _tables_from_betas(betas: np.ndarray) -> Dict[str, np.ndarray]:
   posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
   # The posterior variance is 0 at t = 0; its log is clipped to the value at
   # t = 1 (the original does the same), and 'fixedlarge' uses it there too.
-  clipped = np.append(posterior_variance[1], posterior_variance[1:]) if len(betas) > 1 else (
-      np.maximum(posterior_variance, 1e-20))
+  clipped = (
+    np.append(posterior_variance[1], posterior_variance[1:])
+    if len(betas) > 1
+    else (np.maximum(posterior_variance, 1e-20))
+  )
   fixedlarge = np.append(posterior_variance[1], betas[1:]) if len(betas) > 1 else betas
   with np.errstate(divide='ignore'):
     return dict(
-        betas=betas,
-        alphas_cumprod=ac,
-        alphas_cumprod_prev=ac_prev,
-        sqrt_alphas_cumprod=np.sqrt(ac),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
-        posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=np.log(clipped),
-        posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
-        posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-        fixedlarge_variance=fixedlarge,
-        fixedlarge_log_variance=np.log(fixedlarge),
-        log_betas=np.log(betas),
+      betas=betas,
+      alphas_cumprod=ac,
+      alphas_cumprod_prev=ac_prev,
+      sqrt_alphas_cumprod=np.sqrt(ac),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+      sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+      sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+      posterior_variance=posterior_variance,
+      posterior_log_variance_clipped=np.log(clipped),
+      posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+      posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+      fixedlarge_variance=fixedlarge,
+      fixedlarge_log_variance=np.log(fixedlarge),
+      log_betas=np.log(betas),
     )
 
 
@@ -109,12 +115,13 @@ def _check_dtype(dtype: Any) -> jnp.dtype:
   if dtype not in (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16):
     raise ValueError(f'dtype must be a floating dtype (float32, float64, ...), got {dtype}.')
   if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-    raise ValueError('dtype=float64 needs jax_enable_x64: call '
-                     "jax.config.update('jax_enable_x64', True) first.")
+    raise ValueError(
+      "dtype=float64 needs jax_enable_x64: call jax.config.update('jax_enable_x64', True) first."
+    )
   return dtype
 
 
-def _build(spec: ScheduleSpec, dtype: Any, use_timesteps: Optional[np.ndarray]) -> Diffusion:
+def _build(spec: ScheduleSpec, dtype: Any, use_timesteps: np.ndarray | None) -> Diffusion:
   dtype = _check_dtype(dtype)
   betas = schedules.get_beta_schedule(*spec)
   timestep_map = np.arange(spec.num_timesteps)
@@ -128,9 +135,13 @@ def _build(spec: ScheduleSpec, dtype: Any, use_timesteps: Optional[np.ndarray]) 
   return Diffusion(**tables, timestep_map=jnp.asarray(timestep_map, jnp.int32), spec=spec)
 
 
-def make_diffusion(beta_schedule: str = 'linear', num_timesteps: int = 1000,
-                   beta_start: float = 1e-4, beta_end: float = 0.02,
-                   dtype: Any = jnp.float32) -> Diffusion:
+def make_diffusion(
+  beta_schedule: str = 'linear',
+  num_timesteps: int = 1000,
+  beta_start: float = 1e-4,
+  beta_end: float = 0.02,
+  dtype: Any = jnp.float32,
+) -> Diffusion:
   """Builds the tables of a diffusion process.
 
   Args:
@@ -186,10 +197,17 @@ def respace(d: Diffusion, use_timesteps: Sequence[int]) -> Diffusion:
   use = np.asarray(use_timesteps, dtype=np.int64)
   if d.timestep_map.shape[0] != d.spec.num_timesteps:
     raise ValueError('respace() takes the full process, not an already respaced one.')
-  if use.ndim != 1 or use.size == 0 or np.any(np.diff(use) <= 0) or use[0] < 0 or (
-      use[-1] >= d.spec.num_timesteps):
-    raise ValueError('use_timesteps must be strictly increasing integers in '
-                     f'[0, {d.spec.num_timesteps}), got {use_timesteps!r}.')
+  if (
+    use.ndim != 1
+    or use.size == 0
+    or np.any(np.diff(use) <= 0)
+    or use[0] < 0
+    or (use[-1] >= d.spec.num_timesteps)
+  ):
+    raise ValueError(
+      'use_timesteps must be strictly increasing integers in '
+      f'[0, {d.spec.num_timesteps}), got {use_timesteps!r}.'
+    )
   return _build(d.spec, d.betas.dtype, use)
 
 
@@ -202,8 +220,9 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     raise ValueError(f'Unknown {name} {value!r}; valid choices: {", ".join(choices)}.')
 
 
-def check_model_options(model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge',
-                        clip_denoised: bool = False) -> None:
+def check_model_options(
+  model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge', clip_denoised: bool = False
+) -> None:
   """Raises ValueError, naming the valid choices, for a bad model-output option.
 
   The one check of the options every sampler, loss and bound takes: what the
@@ -226,8 +245,10 @@ def _check_timesteps(d: Diffusion, t: Array, x: Array) -> None:
   """Shape check always; range check whenever t is concrete (outside jit)."""
   t_shape = jnp.shape(t)
   if len(t_shape) != 1 or t_shape[0] != jnp.shape(x)[0]:
-    raise ValueError(f't must have shape [B] = [{jnp.shape(x)[0]}] to match x of shape '
-                     f'{tuple(jnp.shape(x))}, got {tuple(t_shape)}.')
+    raise ValueError(
+      f't must have shape [B] = [{jnp.shape(x)[0]}] to match x of shape '
+      f'{tuple(jnp.shape(x))}, got {tuple(t_shape)}.'
+    )
   if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
     raise ValueError(f't must be an integer array, got dtype {jnp.result_type(t)}.')
   try:
@@ -235,8 +256,9 @@ def _check_timesteps(d: Diffusion, t: Array, x: Array) -> None:
   except jax.errors.TracerArrayConversionError:
     return  # Traced: out-of-range values turn into NaN in `_extract` instead.
   if t_np.size and (t_np.min() < 0 or t_np.max() >= d.num_timesteps):
-    raise ValueError(f'Timesteps must lie in [0, {d.num_timesteps}), got values '
-                     f'from {t_np.min()} to {t_np.max()}.')
+    raise ValueError(
+      f'Timesteps must lie in [0, {d.num_timesteps}), got values from {t_np.min()} to {t_np.max()}.'
+    )
 
 
 def _extract(table: Array, t: Array, ndim: int) -> Array:
@@ -256,7 +278,7 @@ def _coef(d: Diffusion, name: str, t: Array, x: Array) -> Array:
 # Forward process q.
 
 
-def q_mean_variance(d: Diffusion, x0: Array, t: Array) -> Tuple[Array, Array, Array]:
+def q_mean_variance(d: Diffusion, x0: Array, t: Array) -> tuple[Array, Array, Array]:
   """Moments of q(x_t | x_0) = N(sqrt(ac_t) x_0, (1 - ac_t) I).
 
   Args:
@@ -289,11 +311,13 @@ def q_sample(d: Diffusion, x0: Array, t: Array, noise: Array) -> Array:
   """
   _check_same_shape(x0=x0, noise=noise)
   _check_timesteps(d, t, x0)
-  return (_coef(d, 'sqrt_alphas_cumprod', t, x0) * x0 +
-          _coef(d, 'sqrt_one_minus_alphas_cumprod', t, x0) * noise)
+  return (
+    _coef(d, 'sqrt_alphas_cumprod', t, x0) * x0
+    + _coef(d, 'sqrt_one_minus_alphas_cumprod', t, x0) * noise
+  )
 
 
-def q_posterior(d: Diffusion, x0: Array, x_t: Array, t: Array) -> Tuple[Array, Array, Array]:
+def q_posterior(d: Diffusion, x0: Array, x_t: Array, t: Array) -> tuple[Array, Array, Array]:
   """Moments of the forward posterior q(x_{t-1} | x_t, x_0) (paper Eq. 6-7).
 
   Args:
@@ -307,10 +331,14 @@ def q_posterior(d: Diffusion, x0: Array, x_t: Array, t: Array) -> Tuple[Array, A
   """
   _check_same_shape(x0=x0, x_t=x_t)
   _check_timesteps(d, t, x_t)
-  mean = (_coef(d, 'posterior_mean_coef1', t, x_t) * x0 +
-          _coef(d, 'posterior_mean_coef2', t, x_t) * x_t)
-  return (mean, _coef(d, 'posterior_variance', t, x_t),
-          _coef(d, 'posterior_log_variance_clipped', t, x_t))
+  mean = (
+    _coef(d, 'posterior_mean_coef1', t, x_t) * x0 + _coef(d, 'posterior_mean_coef2', t, x_t) * x_t
+  )
+  return (
+    mean,
+    _coef(d, 'posterior_variance', t, x_t),
+    _coef(d, 'posterior_log_variance_clipped', t, x_t),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -321,40 +349,48 @@ def predict_x0_from_eps(d: Diffusion, x_t: Array, t: Array, eps: Array) -> Array
   """x_0 = sqrt(1/ac_t) x_t - sqrt(1/ac_t - 1) eps. Shapes: [B, ...]."""
   _check_same_shape(x_t=x_t, eps=eps)
   _check_timesteps(d, t, x_t)
-  return (_coef(d, 'sqrt_recip_alphas_cumprod', t, x_t) * x_t -
-          _coef(d, 'sqrt_recipm1_alphas_cumprod', t, x_t) * eps)
+  return (
+    _coef(d, 'sqrt_recip_alphas_cumprod', t, x_t) * x_t
+    - _coef(d, 'sqrt_recipm1_alphas_cumprod', t, x_t) * eps
+  )
 
 
 def predict_eps_from_x0(d: Diffusion, x_t: Array, t: Array, x0: Array) -> Array:
   """eps = (sqrt(1/ac_t) x_t - x_0) / sqrt(1/ac_t - 1). Shapes: [B, ...]."""
   _check_same_shape(x_t=x_t, x0=x0)
   _check_timesteps(d, t, x_t)
-  return ((_coef(d, 'sqrt_recip_alphas_cumprod', t, x_t) * x_t - x0) /
-          _coef(d, 'sqrt_recipm1_alphas_cumprod', t, x_t))
+  return (_coef(d, 'sqrt_recip_alphas_cumprod', t, x_t) * x_t - x0) / _coef(
+    d, 'sqrt_recipm1_alphas_cumprod', t, x_t
+  )
 
 
 def v_target(d: Diffusion, x0: Array, t: Array, noise: Array) -> Array:
   """v = sqrt(ac_t) noise - sqrt(1 - ac_t) x_0 (Salimans & Ho 2022). Shapes: [B, ...]."""
   _check_same_shape(x0=x0, noise=noise)
   _check_timesteps(d, t, x0)
-  return (_coef(d, 'sqrt_alphas_cumprod', t, x0) * noise -
-          _coef(d, 'sqrt_one_minus_alphas_cumprod', t, x0) * x0)
+  return (
+    _coef(d, 'sqrt_alphas_cumprod', t, x0) * noise
+    - _coef(d, 'sqrt_one_minus_alphas_cumprod', t, x0) * x0
+  )
 
 
 def predict_x0_from_v(d: Diffusion, x_t: Array, t: Array, v: Array) -> Array:
   """x_0 = sqrt(ac_t) x_t - sqrt(1 - ac_t) v. Shapes: [B, ...]."""
   _check_same_shape(x_t=x_t, v=v)
   _check_timesteps(d, t, x_t)
-  return (_coef(d, 'sqrt_alphas_cumprod', t, x_t) * x_t -
-          _coef(d, 'sqrt_one_minus_alphas_cumprod', t, x_t) * v)
+  return (
+    _coef(d, 'sqrt_alphas_cumprod', t, x_t) * x_t
+    - _coef(d, 'sqrt_one_minus_alphas_cumprod', t, x_t) * v
+  )
 
 
 def predict_x0_from_xprev(d: Diffusion, x_t: Array, t: Array, xprev: Array) -> Array:
   """Inverts the posterior mean: x_0 = (x_{t-1} - coef2 x_t) / coef1. Shapes: [B, ...]."""
   _check_same_shape(x_t=x_t, xprev=xprev)
   _check_timesteps(d, t, x_t)
-  return ((xprev - _coef(d, 'posterior_mean_coef2', t, x_t) * x_t) /
-          _coef(d, 'posterior_mean_coef1', t, x_t))
+  return (xprev - _coef(d, 'posterior_mean_coef2', t, x_t) * x_t) / _coef(
+    d, 'posterior_mean_coef1', t, x_t
+  )
 
 
 def score_from_eps(d: Diffusion, eps: Array, t: Array) -> Array:
@@ -380,8 +416,9 @@ def _x0_from_full_process_xprev(d: Diffusion, x_t: Array, t: Array, xprev: Array
 # Reverse process p.
 
 
-def split_model_output(model_output: Array, x_t: Array,
-                       model_var_type: str) -> Tuple[Array, Optional[Array]]:
+def split_model_output(
+  model_output: Array, x_t: Array, model_var_type: str
+) -> tuple[Array, Array | None]:
   """Splits a model output into its mean part and (learned) variance part.
 
   Args:
@@ -397,18 +434,29 @@ def split_model_output(model_output: Array, x_t: Array,
   if model_var_type in ('learned', 'learned_range'):
     want = x_shape[:-1] + (2 * x_shape[-1],)
     if out_shape != want:
-      raise ValueError(f"model_var_type={model_var_type!r} needs a model output of shape "
-                       f'{want} (2*C channels: mean, then variance), got {out_shape}.')
+      raise ValueError(
+        f'model_var_type={model_var_type!r} needs a model output of shape '
+        f'{want} (2*C channels: mean, then variance), got {out_shape}.'
+      )
     return jnp.split(model_output, 2, axis=-1)
   if out_shape != x_shape:
-    raise ValueError(f'model_var_type={model_var_type!r} needs a model output of the '
-                     f'input shape {x_shape}, got {out_shape}.')
+    raise ValueError(
+      f'model_var_type={model_var_type!r} needs a model output of the '
+      f'input shape {x_shape}, got {out_shape}.'
+    )
   return model_output, None
 
 
-def p_mean_variance(d: Diffusion, model_output: Array, x_t: Array, t: Array, *,
-                    model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge',
-                    clip_denoised: bool = True) -> Dict[str, Array]:
+def p_mean_variance(
+  d: Diffusion,
+  model_output: Array,
+  x_t: Array,
+  t: Array,
+  *,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> dict[str, Array]:
   """Mean and variance of p(x_{t-1} | x_t) from a model's output.
 
   Args:
@@ -438,8 +486,9 @@ def p_mean_variance(d: Diffusion, model_output: Array, x_t: Array, t: Array, *,
     log_variance = var_out
   else:  # learned_range: the output in [-1, 1] interpolates the two fixed choices.
     frac = (var_out + 1.0) / 2.0
-    log_variance = (frac * _coef(d, 'log_betas', t, x_t) +
-                    (1.0 - frac) * _coef(d, 'posterior_log_variance_clipped', t, x_t))
+    log_variance = frac * _coef(d, 'log_betas', t, x_t) + (1.0 - frac) * _coef(
+      d, 'posterior_log_variance_clipped', t, x_t
+    )
   variance = jnp.exp(log_variance)
 
   maybe_clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip_denoised else (lambda x: x)
@@ -462,13 +511,22 @@ def p_mean_variance(d: Diffusion, model_output: Array, x_t: Array, t: Array, *,
     pred_x0 = maybe_clip(pred_x0)
     mean, _, _ = q_posterior(d, pred_x0, x_t, t)
   pred_eps = predict_eps_from_x0(d, x_t, t, pred_x0)
-  return dict(mean=mean, variance=variance, log_variance=log_variance,
-              pred_x0=pred_x0, pred_eps=pred_eps)
+  return dict(
+    mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0, pred_eps=pred_eps
+  )
 
 
-def p_sample(d: Diffusion, model_output: Array, x_t: Array, t: Array, noise: Array, *,
-             model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge',
-             clip_denoised: bool = True) -> Array:
+def p_sample(
+  d: Diffusion,
+  model_output: Array,
+  x_t: Array,
+  t: Array,
+  noise: Array,
+  *,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> Array:
   """One reverse step: x_{t-1} = mean + exp(log_variance / 2) noise, no noise at t = 0.
 
   Args:
@@ -483,7 +541,14 @@ def p_sample(d: Diffusion, model_output: Array, x_t: Array, t: Array, noise: Arr
     x_{t-1} [B, ..., C].
   """
   _check_same_shape(x_t=x_t, noise=noise)
-  out = p_mean_variance(d, model_output, x_t, t, model_mean_type=model_mean_type,
-                        model_var_type=model_var_type, clip_denoised=clip_denoised)
+  out = p_mean_variance(
+    d,
+    model_output,
+    x_t,
+    t,
+    model_mean_type=model_mean_type,
+    model_var_type=model_var_type,
+    clip_denoised=clip_denoised,
+  )
   nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
   return out['mean'] + nonzero * jnp.exp(0.5 * out['log_variance']) * noise

@@ -12,7 +12,7 @@ rate-distortion plot (Fig. 5) as `DIR/eval/rate_distortion_step_<step>.png`.
 import json
 import logging
 import os
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import jax
 import ml_collections
@@ -30,12 +30,12 @@ from ddpm_jax.metrics import domain_classifier
 from ddpm_jax.metrics import frechet
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `--mode=eval` on the newest checkpoint; returns the results dict."""
   im = inference.load_inference_model(config, workdir)
   eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
   os.makedirs(eval_dir, exist_ok=True)
-  results: Dict[str, Any] = {'step': im.step, 'dataset': config.data.dataset}
+  results: dict[str, Any] = {'step': im.step, 'dataset': config.data.dataset}
   results['bpd'] = evaluate_bpd(config, im, eval_dir)
   results['sample_quality'] = evaluate_sample_quality(config, im, workdir)
   if jax.process_index() == 0:
@@ -43,12 +43,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     files.write_json(path, results)
     writer = metric_writers.create_default_writer(eval_dir)
     scalars = {f'bpd/{k}': v for k, v in results['bpd'].items() if isinstance(v, float)}
-    scalars.update({f'quality/{k}': v for k, v in results['sample_quality'].items()
-                    if isinstance(v, float)})
+    scalars.update(
+      {f'quality/{k}': v for k, v in results['sample_quality'].items() if isinstance(v, float)}
+    )
     writer.write_scalars(im.step, scalars)
     writer.close()
-    logging.info('Evaluation of step %d written to %s:\n%s', im.step, path,
-                 json.dumps(results, indent=2))
+    logging.info(
+      'Evaluation of step %d written to %s:\n%s', im.step, path, json.dumps(results, indent=2)
+    )
   return results
 
 
@@ -56,8 +58,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 # Negative log-likelihood.
 
 
-def evaluate_bpd(config: ml_collections.ConfigDict, im: inference.InferenceModel,
-                 eval_dir: str) -> Dict[str, Any]:
+def evaluate_bpd(
+  config: ml_collections.ConfigDict, im: inference.InferenceModel, eval_dir: str
+) -> dict[str, Any]:
   """The variational bound on the eval split, in bits/dim, with its breakdown.
 
   Returns:
@@ -70,27 +73,30 @@ def evaluate_bpd(config: ml_collections.ConfigDict, im: inference.InferenceModel
   mesh = im.mesh
   model_fn = inference.make_model_fn(im.model, im.ema_params, mesh)
   bpd_fn = jax.jit(
-      lambda x0, key: likelihood.calc_bpd_loop(im.diffusion, model_fn, x0, key,
-                                               **inference.model_output_options(config)),
-      in_shardings=(sharding_lib.batch_sharded(mesh), sharding_lib.replicated(mesh)),
-      out_shardings=sharding_lib.batch_sharded(mesh))
+    lambda x0, key: likelihood.calc_bpd_loop(
+      im.diffusion, model_fn, x0, key, **inference.model_output_options(config)
+    ),
+    in_shardings=(sharding_lib.batch_sharded(mesh), sharding_lib.replicated(mesh)),
+    out_shardings=sharding_lib.batch_sharded(mesh),
+  )
   base_key = streams.key(config.seed, streams.Stream.BPD)
-  dataset = input_pipeline.make_eval_dataset(config, batch_size=ec.batch_size,
-                                             split=config.data.eval_split)
+  dataset = input_pipeline.make_eval_dataset(
+    config, batch_size=ec.batch_size, split=config.data.eval_split
+  )
   num_batches = min(len(dataset), -(-ec.num_bpd_examples // ec.batch_size))
 
   def compute(index, batch):
     images = sharding_lib.host_to_global({'image': batch['image']}, mesh)['image']
     out = bpd_fn(images, jax.random.fold_in(base_key, index))
     out['mask'] = np.asarray(batch['mask'])
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                        out)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
 
   def summary(out):
-    return f"{np.sum(out['total_bpd'] * out['mask']) / max(out['mask'].sum(), 1):.4f}"
+    return f'{np.sum(out["total_bpd"] * out["mask"]) / max(out["mask"].sum(), 1):.4f}'
 
-  parts = files.resumable_batches(batch_dir, dataset, num_batches, compute, what='bits/dim',
-                                  summary=summary)
+  parts = files.resumable_batches(
+    batch_dir, dataset, num_batches, compute, what='bits/dim', summary=summary
+  )
   mask = np.concatenate([p['mask'] for p in parts]).astype(bool)
   # Keep exactly the first num_bpd_examples real examples.
   keep = mask & (np.cumsum(mask) <= ec.num_bpd_examples)
@@ -102,15 +108,20 @@ def evaluate_bpd(config: ml_collections.ConfigDict, im: inference.InferenceModel
   if jax.process_index() == 0:
     plot_rate_distortion(terms, prior, mse, png)
   return dict(
-      split=config.data.eval_split, num_examples=int(keep.sum()),
-      total_bpd=float(total.mean()), prior_bpd=float(prior.mean()),
-      sum_Lt_bpd=float(terms[:, 1:].sum(axis=1).mean()), L0_bpd=float(terms[:, 0].mean()),
-      total_bpd_stderr=float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1 else 0.0,
-      rate_distortion_png=png)
+    split=config.data.eval_split,
+    num_examples=int(keep.sum()),
+    total_bpd=float(total.mean()),
+    prior_bpd=float(prior.mean()),
+    sum_Lt_bpd=float(terms[:, 1:].sum(axis=1).mean()),
+    L0_bpd=float(terms[:, 0].mean()),
+    total_bpd_stderr=float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1 else 0.0,
+    rate_distortion_png=png,
+  )
 
 
-def rate_distortion(terms_bpd: np.ndarray, prior_bpd: np.ndarray,
-                    mse: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def rate_distortion(
+  terms_bpd: np.ndarray, prior_bpd: np.ndarray, mse: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """The paper's rate and distortion as functions of the reverse-process step.
 
   Args:
@@ -132,8 +143,10 @@ def rate_distortion(terms_bpd: np.ndarray, prior_bpd: np.ndarray,
 def plot_rate_distortion(terms_bpd, prior_bpd, mse, path: str) -> None:
   """Writes the three panels of the paper's Fig. 5 as one PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   rate, distortion = rate_distortion(terms_bpd, prior_bpd, mse)
   steps = np.arange(len(rate))
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -154,28 +167,42 @@ def plot_rate_distortion(terms_bpd, prior_bpd, mse, path: str) -> None:
 # Sample quality.
 
 
-def _feature_extractor(config: ml_collections.ConfigDict, im: inference.InferenceModel,
-                       eval_dir: str):
+def _feature_extractor(
+  config: ml_collections.ConfigDict, im: inference.InferenceModel, eval_dir: str
+):
   """(label, extract_fn(uint8 images) -> (features, logits), metadata)."""
   name = config.eval.feature_extractor
   if name == 'domain':
     images, labels = input_pipeline.load_split_as_uint8(
-        config, config.data.train_split, with_labels=True)
+      config, config.data.train_split, with_labels=True
+    )
     test_images, test_labels = input_pipeline.load_split_as_uint8(
-        config, config.data.eval_split, with_labels=True)
+      config, config.data.eval_split, with_labels=True
+    )
     params, info = domain_classifier.load_or_train_domain_classifier(
-        os.path.join(eval_dir, 'domain_classifier'), images, labels,
-        steps=config.eval.domain_classifier_steps, batch_size=min(128, len(images)),
-        eval_images=test_images, eval_labels=test_labels)
+      os.path.join(eval_dir, 'domain_classifier'),
+      images,
+      labels,
+      steps=config.eval.domain_classifier_steps,
+      batch_size=min(128, len(images)),
+      eval_images=test_images,
+      eval_labels=test_labels,
+    )
     extractor = domain_classifier.DomainFeatureExtractor(params, mesh=im.mesh)
-    meta = {'feature_extractor': 'domain classifier (penultimate, 256-d)',
-            'classifier_test_accuracy': info.get('accuracy'),
-            'comparable_with_inception_fid': False}
+    meta = {
+      'feature_extractor': 'domain classifier (penultimate, 256-d)',
+      'classifier_test_accuracy': info.get('accuracy'),
+      'comparable_with_inception_fid': False,
+    }
     return domain_classifier.FD_LABEL, extractor, meta
   from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
   extractor = inception.InceptionFeatureExtractor.from_config(config.eval, mesh=im.mesh)
-  meta = {'feature_extractor': 'Inception-v3 pool3 (pytorch-fid weights)',
-          'resize': extractor.resize_description, 'comparable_with_inception_fid': True}
+  meta = {
+    'feature_extractor': 'Inception-v3 pool3 (pytorch-fid weights)',
+    'resize': extractor.resize_description,
+    'comparable_with_inception_fid': True,
+  }
   return 'FID', extractor, meta
 
 
@@ -191,30 +218,41 @@ def _reference_statistics(config, split, extractor, eval_dir, tag):
   return mu, sigma
 
 
-def evaluate_sample_quality(config: ml_collections.ConfigDict, im: inference.InferenceModel,
-                            workdir: str) -> Dict[str, Any]:
+def evaluate_sample_quality(
+  config: ml_collections.ConfigDict, im: inference.InferenceModel, workdir: str
+) -> dict[str, Any]:
   """Frechet distance to the train and eval splits, KID and Inception-style score."""
   eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
   label, extractor, meta = _feature_extractor(config, im, eval_dir)
   name = inference.sampler_name(config, im.step)
   samples = inference.generate_samples(
-      config, im, config.eval.num_fid_samples,
-      os.path.join(os.path.abspath(workdir), 'samples', name))
+    config, im, config.eval.num_fid_samples, os.path.join(os.path.abspath(workdir), 'samples', name)
+  )
   features, logits = extractor(samples)
   mu, sigma = frechet.feature_statistics(features)
   tag = config.eval.feature_extractor
-  results: Dict[str, Any] = dict(meta, metric=label, num_samples=len(samples), sampler=name,
-                                 quantization='uint8, round((x + 1) * 127.5)')
+  results: dict[str, Any] = dict(
+    meta,
+    metric=label,
+    num_samples=len(samples),
+    sampler=name,
+    quantization='uint8, round((x + 1) * 127.5)',
+  )
   for split in (config.data.train_split, config.data.eval_split):
     ref_mu, ref_sigma = _reference_statistics(config, split, extractor, eval_dir, tag)
     results[f'fd_vs_{split}'] = float(frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma))
-  train_images = input_pipeline.load_split_as_uint8(config, config.data.train_split,
-                                                    limit=len(samples))
+  train_images = input_pipeline.load_split_as_uint8(
+    config, config.data.train_split, limit=len(samples)
+  )
   train_features, _ = extractor(train_images)
   subset = min(1000, len(samples), len(train_features))
   kid_mean, kid_std = frechet.kernel_inception_distance(
-      features, train_features, num_subsets=100, subset_size=subset,
-      rng=np.random.default_rng(config.seed))
+    features,
+    train_features,
+    num_subsets=100,
+    subset_size=subset,
+    rng=np.random.default_rng(config.seed),
+  )
   results['kid_vs_train'], results['kid_vs_train_std'] = float(kid_mean), float(kid_std)
   score_mean, score_std = frechet.inception_score(logits, num_splits=min(10, len(logits)))
   results['classifier_score' if tag == 'domain' else 'inception_score'] = float(score_mean)

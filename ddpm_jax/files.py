@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
@@ -33,17 +34,21 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` whole."""
+
   def write(tmp):
     with open(tmp, 'w') as f:
       f.write(text)
+
   atomic_write(path, write)
 
 
 def write_bytes(path: str, data: bytes) -> None:
   """Writes `data` to `path` whole."""
+
   def write(tmp):
     with open(tmp, 'wb') as f:
       f.write(data)
+
   atomic_write(path, write)
 
 
@@ -57,10 +62,15 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
   atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-def resumable_batches(out_dir: str, inputs: Iterable[Any], num_batches: int,
-                      compute: Callable[[int, Any], Dict[str, np.ndarray]], *, what: str,
-                      summary: Optional[Callable[[Dict[str, np.ndarray]], str]] = None
-                      ) -> List[Dict[str, np.ndarray]]:
+def resumable_batches(
+  out_dir: str,
+  inputs: Iterable[Any],
+  num_batches: int,
+  compute: Callable[[int, Any], dict[str, np.ndarray]],
+  *,
+  what: str,
+  summary: Callable[[dict[str, np.ndarray]], str] | None = None,
+) -> list[dict[str, np.ndarray]]:
   """Computes `num_batches` batches, each saved at once as `out_dir/batch_<index>.npz`.
 
   Every process runs the loop (`compute` may gather across processes); the
@@ -91,9 +101,15 @@ def resumable_batches(out_dir: str, inputs: Iterable[Any], num_batches: int,
       save_npz(paths[index], **arrays)
     done_now += 1
     rate = done_now / (time.time() - start)
-    logging.info('%s batch %d/%d%s (%.2f batches/s, ETA %.0f s).', what, index + 1, num_batches,
-                 f': {summary(arrays)}' if summary else '', rate,
-                 (num_batches - index - 1) / max(rate, 1e-9))
+    logging.info(
+      '%s batch %d/%d%s (%.2f batches/s, ETA %.0f s).',
+      what,
+      index + 1,
+      num_batches,
+      f': {summary(arrays)}' if summary else '',
+      rate,
+      (num_batches - index - 1) / max(rate, 1e-9),
+    )
   multihost_utils.sync_global_devices(f'ddpm_jax batches written: {out_dir}')
   batches = []
   for path in paths:

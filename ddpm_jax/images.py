@@ -2,7 +2,6 @@
 
 import math
 import os
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -14,8 +13,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, num_columns: Optional[int] = None, padding: int = 2,
-              pad_value: int = 255) -> np.ndarray:
+def make_grid(
+  images: np.ndarray, num_columns: int | None = None, padding: int = 2, pad_value: int = 255
+) -> np.ndarray:
   """Tiles uint8 images [N, H, W, C] into one [rows*(H+p)+p, cols*(W+p)+p, C] image."""
   images = np.asarray(images)
   if images.ndim != 4:
@@ -23,12 +23,15 @@ def make_grid(images: np.ndarray, num_columns: Optional[int] = None, padding: in
   n, h, w, c = images.shape
   cols = num_columns or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
-  grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c),
-                 pad_value, dtype=images.dtype)
+  grid = np.full(
+    (rows * (h + padding) + padding, cols * (w + padding) + padding, c),
+    pad_value,
+    dtype=images.dtype,
+  )
   for i in range(n):
     r, k = divmod(i, cols)
     top, left = padding + r * (h + padding), padding + k * (w + padding)
-    grid[top:top + h, left:left + w] = images[i]
+    grid[top : top + h, left : left + w] = images[i]
   return grid
 
 

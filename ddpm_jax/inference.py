@@ -10,7 +10,8 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -35,31 +36,47 @@ def build_model_and_diffusion(config: ml_collections.ConfigDict):
   learned_variance = config.diffusion.model_var_type in ('learned', 'learned_range')
   model = unet_from_config(config.model, out_channels=channels * (2 if learned_variance else 1))
   d = diffusion_lib.make_diffusion(
-      config.diffusion.beta_schedule, config.diffusion.num_timesteps,
-      config.diffusion.beta_start, config.diffusion.beta_end)
+    config.diffusion.beta_schedule,
+    config.diffusion.num_timesteps,
+    config.diffusion.beta_start,
+    config.diffusion.beta_end,
+  )
   return model, d, (config.data.image_size, config.data.image_size, channels)
 
 
-def model_output_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+def model_output_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The keywords every sampler and the bound take about the model's output."""
-  return dict(clip_denoised=config.sampling.clip_denoised,
-              model_mean_type=config.diffusion.model_mean_type,
-              model_var_type=config.diffusion.model_var_type)
+  return dict(
+    clip_denoised=config.sampling.clip_denoised,
+    model_mean_type=config.diffusion.model_mean_type,
+    model_var_type=config.diffusion.model_var_type,
+  )
 
 
 def make_model_fn(model: nn.Module, params: Any, mesh=None) -> Callable:
   """`model_fn(x_t, t)` for evaluation (no dropout), optionally pinned to the mesh."""
+
   def model_fn(x_t, t):
     if mesh is not None:
       # Keep the batch split over devices through the whole chain.
       x_t = jax.lax.with_sharding_constraint(x_t, sharding_lib.batch_sharded(mesh))
     return model.apply({'params': params}, x_t, t, train=False)
+
   return model_fn
 
 
-def sample(model: nn.Module, params: Any, d: diffusion_lib.Diffusion,
-           config: ml_collections.ConfigDict, shape: Tuple[int, ...], rng: jax.Array, *,
-           sampler: str, num_steps: int, mesh=None) -> jax.Array:
+def sample(
+  model: nn.Module,
+  params: Any,
+  d: diffusion_lib.Diffusion,
+  config: ml_collections.ConfigDict,
+  shape: tuple[int, ...],
+  rng: jax.Array,
+  *,
+  sampler: str,
+  num_steps: int,
+  mesh=None,
+) -> jax.Array:
   """Draws images in [-1, 1] of `shape` [B, H, W, C] with the named sampler.
 
   Args:
@@ -86,44 +103,72 @@ def sample(model: nn.Module, params: Any, d: diffusion_lib.Diffusion,
   if sampler == 'respaced':
     return sampling.respaced_sample_loop(d, model_fn, shape, rng, num_steps=num_steps, **options)
   if sampler == 'ddim':
-    return sampling.ddim_sample_loop(d, model_fn, shape, rng, num_steps=num_steps,
-                                     eta=config.sampling.ddim_eta,
-                                     skip=config.sampling.ddim_skip, **options)
-  solver = (sampling.dpm_solver_sample_loop if sampler == 'dpm_solver'
-            else sampling.unipc_sample_loop)
-  return solver(d, model_fn, shape, rng, num_steps=num_steps,
-                order=config.sampling.solver_order, **options)
+    return sampling.ddim_sample_loop(
+      d,
+      model_fn,
+      shape,
+      rng,
+      num_steps=num_steps,
+      eta=config.sampling.ddim_eta,
+      skip=config.sampling.ddim_skip,
+      **options,
+    )
+  solver = (
+    sampling.dpm_solver_sample_loop if sampler == 'dpm_solver' else sampling.unipc_sample_loop
+  )
+  return solver(
+    d, model_fn, shape, rng, num_steps=num_steps, order=config.sampling.solver_order, **options
+  )
 
 
-def make_sample_fn(model: nn.Module, d: diffusion_lib.Diffusion,
-                   config: ml_collections.ConfigDict, shape: Tuple[int, ...], *,
-                   sampler: str, num_steps: int, mesh) -> Callable[[Any, jax.Array], jax.Array]:
+def make_sample_fn(
+  model: nn.Module,
+  d: diffusion_lib.Diffusion,
+  config: ml_collections.ConfigDict,
+  shape: tuple[int, ...],
+  *,
+  sampler: str,
+  num_steps: int,
+  mesh,
+) -> Callable[[Any, jax.Array], jax.Array]:
   """Jitted `sample_fn(params, rng) -> images [B, H, W, C]`, batch split over `mesh`.
 
   Compiled once per shape; B must divide by the number of devices.
   """
   sampling.check_sampler(sampler, num_steps, d.num_timesteps)
   sharding_lib.check_batch_size(shape[0], mesh)
-  fn = functools.partial(sample, model, d=d, config=config, shape=tuple(shape),
-                         sampler=sampler, num_steps=num_steps, mesh=mesh)
-  return jax.jit(lambda params, rng: fn(params, rng=rng),
-                 in_shardings=(sharding_lib.replicated(mesh), sharding_lib.replicated(mesh)),
-                 out_shardings=sharding_lib.batch_sharded(mesh))
+  fn = functools.partial(
+    sample,
+    model,
+    d=d,
+    config=config,
+    shape=tuple(shape),
+    sampler=sampler,
+    num_steps=num_steps,
+    mesh=mesh,
+  )
+  return jax.jit(
+    lambda params, rng: fn(params, rng=rng),
+    in_shardings=(sharding_lib.replicated(mesh), sharding_lib.replicated(mesh)),
+    out_shardings=sharding_lib.batch_sharded(mesh),
+  )
 
 
 @dataclasses.dataclass
 class InferenceModel:
   """A trained model ready for sampling and evaluation."""
+
   model: Any
   diffusion: diffusion_lib.Diffusion
-  image_shape: Tuple[int, int, int]
+  image_shape: tuple[int, int, int]
   ema_params: Any
   step: int
   mesh: Any
 
 
-def load_inference_model(config: ml_collections.ConfigDict, workdir: str,
-                         step: Optional[int] = None) -> InferenceModel:
+def load_inference_model(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> InferenceModel:
   """Validates the config against the workdir's checkpoint and loads its EMA parameters.
 
   Raises:
@@ -136,16 +181,23 @@ def load_inference_model(config: ml_collections.ConfigDict, workdir: str,
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
     raise checkpointing.CheckpointError(
-        f'No checkpoint in {directory}: train first with --mode=train and this --workdir.')
+      f'No checkpoint in {directory}: train first with --mode=train and this --workdir.'
+    )
   ckpt = checkpointing.Checkpointer(directory, read_only=True)
   try:
     if ckpt.latest_step() is None:
       raise checkpointing.CheckpointError(
-          f'No committed checkpoint in {directory}: train first with --mode=train.')
+        f'No committed checkpoint in {directory}: train first with --mode=train.'
+      )
     model, d, image_shape = build_model_and_diffusion(config)
     abstract = checkpointing.abstract_train_state(model, config, image_shape, mesh)
-    state, restored_step = ckpt.restore(abstract, step, check_config=functools.partial(
-        checkpointing.check_resume_compatible, config=config, workdir=workdir))
+    state, restored_step = ckpt.restore(
+      abstract,
+      step,
+      check_config=functools.partial(
+        checkpointing.check_resume_compatible, config=config, workdir=workdir
+      ),
+    )
   finally:
     ckpt.close()
   logging.info('Loaded the EMA parameters of step %d from %s.', restored_step, directory)
@@ -156,14 +208,17 @@ def sampler_name(config: ml_collections.ConfigDict, step: int) -> str:
   """A file-name tag that fixes everything the samples depend on."""
   smp = config.sampling
   steps = '' if smp.sampler == 'ddpm' else str(smp.num_steps)
-  extra = {'ddim': f'_eta{smp.ddim_eta:g}_{smp.ddim_skip}',
-           'dpm_solver': f'_order{smp.solver_order}',
-           'unipc': f'_order{smp.solver_order}'}.get(smp.sampler, '')
+  extra = {
+    'ddim': f'_eta{smp.ddim_eta:g}_{smp.ddim_skip}',
+    'dpm_solver': f'_order{smp.solver_order}',
+    'unipc': f'_order{smp.solver_order}',
+  }.get(smp.sampler, '')
   return f'{smp.sampler}{steps}{extra}_step{step}_seed{config.seed}'
 
 
-def generate_samples(config: ml_collections.ConfigDict, im: InferenceModel, num_samples: int,
-                     out_dir: str) -> np.ndarray:
+def generate_samples(
+  config: ml_collections.ConfigDict, im: InferenceModel, num_samples: int, out_dir: str
+) -> np.ndarray:
   """Makes `num_samples` uint8 images with the config's sampler, resumably.
 
   Batch i uses the key fold_in(sample key, i) and is written to `out_dir` as
@@ -176,14 +231,21 @@ def generate_samples(config: ml_collections.ConfigDict, im: InferenceModel, num_
   batch_size = config.sampling.batch_size
   num_batches = -(-num_samples // batch_size)
   sample_fn = make_sample_fn(
-      im.model, im.diffusion, config, (batch_size,) + im.image_shape,
-      sampler=config.sampling.sampler, num_steps=config.sampling.num_steps, mesh=im.mesh)
+    im.model,
+    im.diffusion,
+    config,
+    (batch_size,) + im.image_shape,
+    sampler=config.sampling.sampler,
+    num_steps=config.sampling.num_steps,
+    mesh=im.mesh,
+  )
   base_key = streams.key(config.seed, streams.Stream.SAMPLE)
 
   def compute(index, _):
     images = sample_fn(im.ema_params, jax.random.fold_in(base_key, index))
     return {'images': images_lib.to_uint8(multihost_utils.process_allgather(images, tiled=True))}
 
-  batches = files.resumable_batches(out_dir, range(num_batches), num_batches, compute,
-                                    what='Sampled')
+  batches = files.resumable_batches(
+    out_dir, range(num_batches), num_batches, compute, what='Sampled'
+  )
   return np.concatenate([b['images'] for b in batches])[:num_samples]

@@ -50,11 +50,17 @@ import tensorflow_datasets as tfds
 
 import ddpm_jax.datasets  # noqa: F401  (registers 'fashion_mnist_local')
 
-RESIZE_METHODS = ("pad", "resize", "center_crop")
+RESIZE_METHODS = ('pad', 'resize', 'center_crop')
 # Datasets that this project has configurations for; any TFDS dataset with an
 # 'image' feature works, this list only makes error messages helpful.
-KNOWN_DATASETS = ("cifar10", "fashion_mnist_local", "celeb_a_hq/256",
-                  "lsun/bedroom", "lsun/church_outdoor", "lsun/cat")
+KNOWN_DATASETS = (
+  'cifar10',
+  'fashion_mnist_local',
+  'celeb_a_hq/256',
+  'lsun/bedroom',
+  'lsun/church_outdoor',
+  'lsun/cat',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +75,7 @@ class DatasetInfo:
       vary (LSUN).
     image_shape: (image_size, image_size, num_channels) of the model inputs.
   """
+
   name: str
   num_examples: Mapping[str, int]
   source_shape: tuple[int | None, int | None, int]
@@ -83,13 +90,14 @@ class DatasetInfo:
 def _check_resize_method(data_config: ml_collections.ConfigDict) -> None:
   if data_config.resize_method not in RESIZE_METHODS:
     raise ValueError(
-        f"Unknown data.resize_method {data_config.resize_method!r}; valid "
-        f"choices: {', '.join(RESIZE_METHODS)}."
+      f'Unknown data.resize_method {data_config.resize_method!r}; valid '
+      f'choices: {", ".join(RESIZE_METHODS)}.'
     )
 
 
-def get_builder(data_config: ml_collections.ConfigDict, *,
-                prepare: bool = True) -> tfds.core.DatasetBuilder:
+def get_builder(
+  data_config: ml_collections.ConfigDict, *, prepare: bool = True
+) -> tfds.core.DatasetBuilder:
   """Returns the TFDS builder of `data_config.dataset`, prepared by default.
 
   Preparation happens once per data directory; later calls only check that
@@ -112,14 +120,14 @@ def get_builder(data_config: ml_collections.ConfigDict, *,
     builder = tfds.builder(data_config.dataset, data_dir=data_config.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(
-        f"Unknown TFDS dataset {data_config.dataset!r}; datasets with configs "
-        f"in this project: {', '.join(KNOWN_DATASETS)} (any TFDS dataset with "
-        f"an 'image' feature works). TFDS said: {e}"
+      f'Unknown TFDS dataset {data_config.dataset!r}; datasets with configs '
+      f'in this project: {", ".join(KNOWN_DATASETS)} (any TFDS dataset with '
+      f"an 'image' feature works). TFDS said: {e}"
     ) from e
   if prepare:
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=data_config.manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=data_config.manual_dir)
+    )
   return builder
 
 
@@ -144,22 +152,22 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   _check_resize_method(data)
   builder = get_builder(data)
   features = builder.info.features
-  if "image" not in features:
+  if 'image' not in features:
     raise ValueError(
-        f"Dataset {data.dataset!r} has no 'image' feature "
-        f"(features: {', '.join(features)})."
+      f"Dataset {data.dataset!r} has no 'image' feature (features: {', '.join(features)})."
     )
-  height, width, channels = features["image"].shape
+  height, width, channels = features['image'].shape
   if channels != data.num_channels:
     raise ValueError(
-        f"data.num_channels is {data.num_channels} but {data.dataset!r} has "
-        f"{channels}-channel images."
+      f'data.num_channels is {data.num_channels} but {data.dataset!r} has '
+      f'{channels}-channel images.'
     )
-  if data.resize_method == "pad" and any(
-      side is not None and side > data.image_size for side in (height, width)):
+  if data.resize_method == 'pad' and any(
+    side is not None and side > data.image_size for side in (height, width)
+  ):
     raise ValueError(
-        f"resize_method 'pad' cannot fit {height}x{width} images into "
-        f"data.image_size {data.image_size}; use 'resize' or 'center_crop'."
+      f"resize_method 'pad' cannot fit {height}x{width} images into "
+      f"data.image_size {data.image_size}; use 'resize' or 'center_crop'."
     )
   num_examples = {}
   for split in (data.train_split, data.eval_split):
@@ -167,14 +175,13 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
       num_examples[split] = builder.info.splits[split].num_examples
     except (KeyError, ValueError) as e:
       raise ValueError(
-          f"Split {split!r} not in {data.dataset!r} (splits: "
-          f"{', '.join(builder.info.splits)}): {e}"
+        f'Split {split!r} not in {data.dataset!r} (splits: {", ".join(builder.info.splits)}): {e}'
       ) from e
   return DatasetInfo(
-      name=builder.info.full_name,
-      num_examples=num_examples,
-      source_shape=(height, width, channels),
-      image_shape=(data.image_size, data.image_size, data.num_channels),
+    name=builder.info.full_name,
+    num_examples=num_examples,
+    source_shape=(height, width, channels),
+    image_shape=(data.image_size, data.image_size, data.num_channels),
   )
 
 
@@ -183,8 +190,7 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
 # ---------------------------------------------------------------------------
 
 
-def resize_image(image: tf.Tensor,
-                 data_config: ml_collections.ConfigDict) -> tf.Tensor:
+def resize_image(image: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.Tensor:
   """Brings one uint8 image to the model's size, staying in uint8.
 
   Args:
@@ -198,24 +204,28 @@ def resize_image(image: tf.Tensor,
   _check_resize_method(data_config)
   size = data_config.image_size
   image = tf.convert_to_tensor(image)
-  if data_config.resize_method == "pad":
+  if data_config.resize_method == 'pad':
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     # resize_with_crop_or_pad would silently crop larger images.
-    with tf.control_dependencies([
+    with tf.control_dependencies(
+      [
         tf.debugging.assert_less_equal(
-            tf.maximum(height, width), size,
-            message="resize_method 'pad' got an image larger than image_size")
-    ]):
+          tf.maximum(height, width),
+          size,
+          message="resize_method 'pad' got an image larger than image_size",
+        )
+      ]
+    ):
       # Zero padding is black, i.e. -1 after scaling.
       image = tf.image.resize_with_crop_or_pad(image, size, size)
   else:
-    if data_config.resize_method == "center_crop":
+    if data_config.resize_method == 'center_crop':
       height, width = tf.shape(image)[0], tf.shape(image)[1]
       side = tf.minimum(height, width)
       image = tf.image.crop_to_bounding_box(
-          image, (height - side) // 2, (width - side) // 2, side, side)
-    resized = tf.image.resize(
-        image, (size, size), method="bilinear", antialias=True)
+        image, (height - side) // 2, (width - side) // 2, side, side
+      )
+    resized = tf.image.resize(image, (size, size), method='bilinear', antialias=True)
     # Rounding keeps the data on the 8-bit grid, and makes resizing an image
     # that already has the target size an exact identity.
     image = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
@@ -227,8 +237,7 @@ def _to_unit_range(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(image, tf.float32) / 127.5 - 1.0
 
 
-def preprocess_image(image: tf.Tensor,
-                     data_config: ml_collections.ConfigDict) -> tf.Tensor:
+def preprocess_image(image: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.Tensor:
   """Resizes one uint8 image and scales it to [-1, 1] (no flip).
 
   Args:
@@ -246,15 +255,13 @@ def preprocess_image(image: tf.Tensor,
 # ---------------------------------------------------------------------------
 
 
-def _process_layout(process_index: int | None,
-                    process_count: int | None) -> tuple[int, int]:
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
     process_count = jax.process_count()
   if not 0 <= process_index < process_count:
-    raise ValueError(
-        f"process_index {process_index} not in [0, {process_count}).")
+    raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
   return process_index, process_count
 
 
@@ -273,8 +280,8 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
-        f"Global batch size {global_batch_size} must be a positive multiple "
-        f"of the process count {process_count}."
+      f'Global batch size {global_batch_size} must be a positive multiple '
+      f'of the process count {process_count}.'
     )
   return global_batch_size // process_count
 
@@ -293,33 +300,38 @@ def _deterministic_options() -> tf.data.Options:
 
 def _epoch_seeds(seed: int, process_index: int, epoch: int) -> tuple[int, int]:
   """(shuffle seed, flip seed) of one epoch of one process."""
-  shuffle_seed, flip_seed = np.random.SeedSequence(
-      [seed, process_index, epoch]).generate_state(2)
+  shuffle_seed, flip_seed = np.random.SeedSequence([seed, process_index, epoch]).generate_state(2)
   return int(shuffle_seed), int(flip_seed)
 
 
-def _train_epoch(builder: tfds.core.DatasetBuilder, split: str,
-                 data_config: ml_collections.ConfigDict, *, num_examples: int,
-                 local_batch: int, seeds: tuple[int, int],
-                 skip_batches: int) -> tf.data.Dataset:
+def _train_epoch(
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  data_config: ml_collections.ConfigDict,
+  *,
+  num_examples: int,
+  local_batch: int,
+  seeds: tuple[int, int],
+  skip_batches: int,
+) -> tf.data.Dataset:
   """One epoch of one process's shard: shuffled, flipped, batched."""
   shuffle_seed, flip_seed = seeds
-  image_feature = builder.info.features["image"]
+  image_feature = builder.info.features['image']
   ds = builder.as_dataset(
-      split=split,
-      shuffle_files=False,  # a fixed file order; the shuffle below is seeded
-      decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(try_autocache=False,
-                                  options=_deterministic_options()),
+    split=split,
+    shuffle_files=False,  # a fixed file order; the shuffle below is seeded
+    decoders={'image': tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(try_autocache=False, options=_deterministic_options()),
   )
   # Shuffle and skip the encoded bytes: the buffer stays small and skipped
   # examples are never decoded.
-  ds = ds.map(lambda example: example["image"])
+  ds = ds.map(lambda example: example['image'])
   # An op-level seed makes the order fixed (TF pairs it with its default
   # global seed unless a program calls tf.random.set_seed, which this
   # project does not).
-  ds = ds.shuffle(min(data_config.shuffle_buffer, num_examples),
-                  seed=shuffle_seed, reshuffle_each_iteration=False)
+  ds = ds.shuffle(
+    min(data_config.shuffle_buffer, num_examples), seed=shuffle_seed, reshuffle_each_iteration=False
+  )
   ds = ds.enumerate()  # position in the epoch, which seeds the flip
   ds = ds.skip(skip_batches * local_batch)
 
@@ -327,8 +339,9 @@ def _train_epoch(builder: tfds.core.DatasetBuilder, split: str,
     image = resize_image(image_feature.decode_example(encoded), data_config)
     if data_config.random_flip:
       image = tf.image.stateless_random_flip_left_right(
-          image, seed=tf.stack([tf.constant(flip_seed, tf.int64), position]))
-    return {"image": _to_unit_range(image)}
+        image, seed=tf.stack([tf.constant(flip_seed, tf.int64), position])
+      )
+    return {'image': _to_unit_range(image)}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
@@ -337,11 +350,11 @@ def _train_epoch(builder: tfds.core.DatasetBuilder, split: str,
 
 
 def make_train_iterator(
-    config: ml_collections.ConfigDict,
-    *,
-    start_step: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
+  config: ml_collections.ConfigDict,
+  *,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches of this process, starting at `start_step`.
 
@@ -369,19 +382,19 @@ def make_train_iterator(
   data = config.data
   _check_resize_method(data)
   if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = local_batch_size(config.training.batch_size, process_count)
   builder = get_builder(data)
   split = tfds.split_for_jax_process(
-      data.train_split, process_index=process_index,
-      process_count=process_count)
+    data.train_split, process_index=process_index, process_count=process_count
+  )
   num_examples = builder.info.splits[split].num_examples
   steps_per_epoch = num_examples // local_batch
   if steps_per_epoch == 0:
     raise ValueError(
-        f"Process {process_index} holds {num_examples} examples of "
-        f"{data.train_split!r}, fewer than its batch of {local_batch}."
+      f'Process {process_index} holds {num_examples} examples of '
+      f'{data.train_split!r}, fewer than its batch of {local_batch}.'
     )
   first_epoch, first_skip = divmod(start_step, steps_per_epoch)
 
@@ -389,10 +402,14 @@ def make_train_iterator(
     epoch, skip = first_epoch, first_skip
     while True:
       ds = _train_epoch(
-          builder, split, data, num_examples=num_examples,
-          local_batch=local_batch,
-          seeds=_epoch_seeds(config.seed, process_index, epoch),
-          skip_batches=skip)
+        builder,
+        split,
+        data,
+        num_examples=num_examples,
+        local_batch=local_batch,
+        seeds=_epoch_seeds(config.seed, process_index, epoch),
+        skip_batches=skip,
+      )
       yield from ds.as_numpy_iterator()
       epoch, skip = epoch + 1, 0
 
@@ -406,12 +423,12 @@ def make_train_iterator(
 
 
 def make_eval_dataset(
-    config: ml_collections.ConfigDict,
-    *,
-    batch_size: int,
-    split: str | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
+  config: ml_collections.ConfigDict,
+  *,
+  batch_size: int,
+  split: str | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> Iterable[dict[str, np.ndarray]]:
   """Evaluation batches of this process in a fixed order (no shuffle, flip).
 
@@ -441,31 +458,37 @@ def make_eval_dataset(
   builder = get_builder(data)
   total = builder.info.splits[split].num_examples
   process_split = tfds.split_for_jax_process(
-      split, process_index=process_index, process_count=process_count)
+    split, process_index=process_index, process_count=process_count
+  )
   num_local = builder.info.splits[process_split].num_examples
   # Processes hold ceil or floor of total / process_count examples; the
   # number of batches follows the largest shard.
   num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
 
   ds = builder.as_dataset(
-      split=process_split, shuffle_files=False,
-      read_config=tfds.ReadConfig(options=_deterministic_options()))
+    split=process_split,
+    shuffle_files=False,
+    read_config=tfds.ReadConfig(options=_deterministic_options()),
+  )
   ds = ds.map(
-      lambda example: {"image": preprocess_image(example["image"], data),
-                       "mask": tf.constant(True)},
-      num_parallel_calls=tf.data.AUTOTUNE)
+    lambda example: {'image': preprocess_image(example['image'], data), 'mask': tf.constant(True)},
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
   image_shape = (data.image_size, data.image_size, data.num_channels)
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros(image_shape, tf.float32),
-      "mask": tf.constant(False),
-  }).repeat(num_batches * local_batch - num_local)
+  padding = tf.data.Dataset.from_tensors(
+    {
+      'image': tf.zeros(image_shape, tf.float32),
+      'mask': tf.constant(False),
+    }
+  ).repeat(num_batches * local_batch - num_local)
   ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic_options())
   return tfds.as_numpy(ds)
 
 
-def load_split_as_uint8(config: ml_collections.ConfigDict, split: str,
-                        limit: int | None = None, with_labels: bool = False):
+def load_split_as_uint8(
+  config: ml_collections.ConfigDict, split: str, limit: int | None = None, with_labels: bool = False
+):
   """Loads a split at the model's resolution as uint8, e.g. for FID statistics.
 
   Images go through the same resizing as model inputs, without flips, in
@@ -484,14 +507,15 @@ def load_split_as_uint8(config: ml_collections.ConfigDict, split: str,
   data = config.data
   builder = get_builder(data)
   ds = builder.as_dataset(
-      split=split, shuffle_files=False,
-      read_config=tfds.ReadConfig(options=_deterministic_options()))
+    split=split, shuffle_files=False, read_config=tfds.ReadConfig(options=_deterministic_options())
+  )
   if limit is not None:
     ds = ds.take(limit)
   # Unlabelled datasets (CelebA-HQ, LSUN) get a dummy label, never returned.
-  ds = ds.map(lambda example: (resize_image(example["image"], data),
-                               example["label"] if with_labels else 0),
-              num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
+  ds = ds.map(
+    lambda example: (resize_image(example['image'], data), example['label'] if with_labels else 0),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  ).batch(1024)
   batches = list(ds.as_numpy_iterator())
   if batches:
     images = np.concatenate([b[0] for b in batches])

@@ -11,7 +11,7 @@ is in bits/dim, the unit the paper reports (3.70-3.75 on CIFAR-10).
 """
 
 import math
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +31,13 @@ def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Arr
 
   All arguments broadcast against each other.
   """
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) +
-                jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0
+    + logvar2
+    - logvar1
+    + jnp.exp(logvar1 - logvar2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+  )
 
 
 def approx_standard_normal_cdf(x: Array) -> Array:
@@ -56,8 +61,10 @@ def discretized_gaussian_log_likelihood(x: Array, means: Array, log_scales: Arra
     Elementwise log-probabilities in nats, shape of x.
   """
   if jnp.shape(x) != jnp.broadcast_shapes(jnp.shape(x), jnp.shape(means), jnp.shape(log_scales)):
-    raise ValueError(f'means {jnp.shape(means)} and log_scales {jnp.shape(log_scales)} must '
-                     f'broadcast to the shape of x {jnp.shape(x)}.')
+    raise ValueError(
+      f'means {jnp.shape(means)} and log_scales {jnp.shape(log_scales)} must '
+      f'broadcast to the shape of x {jnp.shape(x)}.'
+    )
   centered = x - means
   inv_stdv = jnp.exp(-log_scales)
   cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
@@ -65,8 +72,9 @@ def discretized_gaussian_log_likelihood(x: Array, means: Array, log_scales: Arra
   log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
   log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-  return jnp.where(x < -0.999, log_cdf_plus,
-                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+  return jnp.where(
+    x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+  )
 
 
 def prior_bpd(d: diffusion_lib.Diffusion, x0: Array) -> Array:
@@ -84,9 +92,17 @@ def prior_bpd(d: diffusion_lib.Diffusion, x0: Array) -> Array:
   return _mean_flat(normal_kl(mean, log_variance, 0.0, 0.0) * jnp.ones_like(x0)) / _LN2
 
 
-def vb_terms_bpd(d: diffusion_lib.Diffusion, model_output: Array, x0: Array, x_t: Array,
-                 t: Array, *, clip_denoised: bool = True, model_mean_type: str = 'eps',
-                 model_var_type: str = 'fixedlarge') -> Dict[str, Array]:
+def vb_terms_bpd(
+  d: diffusion_lib.Diffusion,
+  model_output: Array,
+  x0: Array,
+  x_t: Array,
+  t: Array,
+  *,
+  clip_denoised: bool = True,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+) -> dict[str, Array]:
   """One term of the bound at timesteps t, in bits/dim.
 
   For t > 0 the term is KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)); at t = 0 it
@@ -105,20 +121,38 @@ def vb_terms_bpd(d: diffusion_lib.Diffusion, model_output: Array, x0: Array, x_t
     dict with 'output' [B] (the term in bits/dim) and 'pred_x0' [B, ..., C].
   """
   true_mean, _, true_log_variance = diffusion_lib.q_posterior(d, x0, x_t, t)
-  out = diffusion_lib.p_mean_variance(d, model_output, x_t, t, model_mean_type=model_mean_type,
-                                      model_var_type=model_var_type,
-                                      clip_denoised=clip_denoised)
-  kl = _mean_flat(normal_kl(true_mean, true_log_variance, out['mean'], out['log_variance'])
-                  * jnp.ones_like(x0)) / _LN2
-  decoder_nll = -_mean_flat(discretized_gaussian_log_likelihood(
-      x0, out['mean'], 0.5 * out['log_variance'])) / _LN2
+  out = diffusion_lib.p_mean_variance(
+    d,
+    model_output,
+    x_t,
+    t,
+    model_mean_type=model_mean_type,
+    model_var_type=model_var_type,
+    clip_denoised=clip_denoised,
+  )
+  kl = (
+    _mean_flat(
+      normal_kl(true_mean, true_log_variance, out['mean'], out['log_variance']) * jnp.ones_like(x0)
+    )
+    / _LN2
+  )
+  decoder_nll = (
+    -_mean_flat(discretized_gaussian_log_likelihood(x0, out['mean'], 0.5 * out['log_variance']))
+    / _LN2
+  )
   return dict(output=jnp.where(t == 0, decoder_nll, kl), pred_x0=out['pred_x0'])
 
 
-def calc_bpd_loop(d: diffusion_lib.Diffusion, model_fn: Callable[[Array, Array], Array],
-                  x0: Array, rng: Array, *, clip_denoised: bool = True,
-                  model_mean_type: str = 'eps',
-                  model_var_type: str = 'fixedlarge') -> Dict[str, Array]:
+def calc_bpd_loop(
+  d: diffusion_lib.Diffusion,
+  model_fn: Callable[[Array, Array], Array],
+  x0: Array,
+  rng: Array,
+  *,
+  clip_denoised: bool = True,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+) -> dict[str, Array]:
   """The full variational bound of x0, every term, in one `lax.scan`.
 
   Runs t = T-1 .. 0 (the original's order), drawing fresh noise for each t
@@ -145,8 +179,16 @@ def calc_bpd_loop(d: diffusion_lib.Diffusion, model_fn: Callable[[Array, Array],
     noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x0.shape, x0.dtype)
     x_t = diffusion_lib.q_sample(d, x0, t, noise)
     model_output = model_fn(x_t, jnp.take(d.timestep_map, t))
-    term = vb_terms_bpd(d, model_output, x0, x_t, t, clip_denoised=clip_denoised,
-                        model_mean_type=model_mean_type, model_var_type=model_var_type)
+    term = vb_terms_bpd(
+      d,
+      model_output,
+      x0,
+      x_t,
+      t,
+      clip_denoised=clip_denoised,
+      model_mean_type=model_mean_type,
+      model_var_type=model_var_type,
+    )
     mse = _mean_flat(jnp.square(term['pred_x0'] - x0))
     return carry, (term['output'], mse)
 
@@ -156,5 +198,6 @@ def calc_bpd_loop(d: diffusion_lib.Diffusion, model_fn: Callable[[Array, Array],
   terms_bpd = jnp.flip(terms, axis=0).T
   mse = jnp.flip(mses, axis=0).T
   prior = prior_bpd(d, x0)
-  return dict(total_bpd=jnp.sum(terms_bpd, axis=1) + prior, terms_bpd=terms_bpd,
-              prior_bpd=prior, mse=mse)
+  return dict(
+    total_bpd=jnp.sum(terms_bpd, axis=1) + prior, terms_bpd=terms_bpd, prior_bpd=prior, mse=mse
+  )

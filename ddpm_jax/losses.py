@@ -4,8 +4,6 @@
 returns one loss per example, so any weighting or averaging is the caller's.
 """
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -21,15 +19,18 @@ def _mean_flat(x: Array) -> Array:
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
-def min_snr_weight(d: diffusion_lib.Diffusion, t: Array, gamma: float, model_mean_type: str) -> Array:
+def min_snr_weight(
+  d: diffusion_lib.Diffusion, t: Array, gamma: float, model_mean_type: str
+) -> Array:
   """Min-SNR-gamma loss weights [B] (Hang et al. 2023) for the MSE objective.
 
   The weight min(SNR_t, gamma) applies to the x0 error; expressed for the
   target the model predicts it becomes min(SNR, gamma)/SNR for eps,
   min(SNR, gamma) for x0 and min(SNR, gamma)/(SNR + 1) for v.
   """
-  snr = jnp.square(jnp.take(d.sqrt_alphas_cumprod, t) /
-                   jnp.take(d.sqrt_one_minus_alphas_cumprod, t))
+  snr = jnp.square(
+    jnp.take(d.sqrt_alphas_cumprod, t) / jnp.take(d.sqrt_one_minus_alphas_cumprod, t)
+  )
   clipped = jnp.minimum(snr, gamma)
   if model_mean_type == 'eps':
     return clipped / snr
@@ -37,13 +38,24 @@ def min_snr_weight(d: diffusion_lib.Diffusion, t: Array, gamma: float, model_mea
     return clipped
   if model_mean_type == 'v':
     return clipped / (snr + 1.0)
-  raise ValueError(f'min-SNR weighting is defined for eps, x0 and v targets, not {model_mean_type!r}.')
+  raise ValueError(
+    f'min-SNR weighting is defined for eps, x0 and v targets, not {model_mean_type!r}.'
+  )
 
 
-def training_losses(d: diffusion_lib.Diffusion, model_fn: diffusion_lib.ModelFn, x0: Array, t: Array, noise: Array, *,
-                    loss_type: str = 'mse', model_mean_type: str = 'eps',
-                    model_var_type: str = 'fixedlarge', vlb_weight: float = 0.001,
-                    min_snr_gamma: Optional[float] = None) -> Array:
+def training_losses(
+  d: diffusion_lib.Diffusion,
+  model_fn: diffusion_lib.ModelFn,
+  x0: Array,
+  t: Array,
+  noise: Array,
+  *,
+  loss_type: str = 'mse',
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+  vlb_weight: float = 0.001,
+  min_snr_gamma: float | None = None,
+) -> Array:
   """Per-example training losses at timesteps t.
 
   Args:
@@ -74,18 +86,25 @@ def training_losses(d: diffusion_lib.Diffusion, model_fn: diffusion_lib.ModelFn,
   mean_out, var_out = diffusion_lib.split_model_output(model_output, x_t, model_var_type)
 
   def vb_term(output):
-    return likelihood.vb_terms_bpd(d, output, x0, x_t, t, clip_denoised=False,
-                                   model_mean_type=model_mean_type,
-                                   model_var_type=model_var_type)['output']
+    return likelihood.vb_terms_bpd(
+      d,
+      output,
+      x0,
+      x_t,
+      t,
+      clip_denoised=False,
+      model_mean_type=model_mean_type,
+      model_var_type=model_var_type,
+    )['output']
 
   if loss_type == 'kl':
     return vb_term(model_output)
 
   target = {
-      'eps': lambda: noise,
-      'x0': lambda: x0,
-      'v': lambda: diffusion_lib.v_target(d, x0, t, noise),
-      'xprev': lambda: diffusion_lib.q_posterior(d, x0, x_t, t)[0],
+    'eps': lambda: noise,
+    'x0': lambda: x0,
+    'v': lambda: diffusion_lib.v_target(d, x0, t, noise),
+    'xprev': lambda: diffusion_lib.q_posterior(d, x0, x_t, t)[0],
   }[model_mean_type]()
   mse = _mean_flat(jnp.square(target - mean_out))
   if min_snr_gamma is not None:
@@ -93,7 +112,9 @@ def training_losses(d: diffusion_lib.Diffusion, model_fn: diffusion_lib.ModelFn,
   if loss_type == 'mse':
     return mse
   if var_out is None:
-    raise ValueError("loss_type='hybrid' trains the variance and needs a learned "
-                     "model_var_type ('learned' or 'learned_range').")
+    raise ValueError(
+      "loss_type='hybrid' trains the variance and needs a learned "
+      "model_var_type ('learned' or 'learned_range')."
+    )
   frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), var_out], axis=-1)
   return mse + vlb_weight * d.num_timesteps * vb_term(frozen)

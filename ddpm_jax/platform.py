@@ -38,7 +38,8 @@ before them.
 
 import os
 import sys
-from typing import Any, Dict, Mapping, Optional
+from typing import Any
+from collections.abc import Mapping
 
 from absl import logging
 
@@ -54,7 +55,7 @@ THP_SETTING = '/sys/kernel/mm/transparent_hugepage/enabled'
 _THIS_MACHINE: Any = object()
 
 
-def glibc_version() -> Optional[tuple]:
+def glibc_version() -> tuple | None:
   """(major, minor) of the running glibc, or None (another libc or OS)."""
   try:
     name, version = os.confstr('CS_GNU_LIBC_VERSION').split()
@@ -68,7 +69,7 @@ def glibc_version() -> Optional[tuple]:
     return None
 
 
-def thp_mode(path: str = THP_SETTING) -> Optional[str]:
+def thp_mode(path: str = THP_SETTING) -> str | None:
   """The kernel's transparent huge page mode ('always', 'madvise', 'never'), or None."""
   try:
     with open(path) as f:
@@ -76,12 +77,15 @@ def thp_mode(path: str = THP_SETTING) -> Optional[str]:
   except OSError:
     return None
   start, end = text.find('['), text.find(']')
-  return text[start + 1:end] if 0 <= start < end else None
+  return text[start + 1 : end] if 0 <= start < end else None
 
 
-def environment_with_huge_pages(environ: Mapping[str, str], *,
-                                glibc: Optional[tuple] = _THIS_MACHINE,
-                                thp: Optional[str] = _THIS_MACHINE) -> Optional[Dict[str, str]]:
+def environment_with_huge_pages(
+  environ: Mapping[str, str],
+  *,
+  glibc: tuple | None = _THIS_MACHINE,
+  thp: str | None = _THIS_MACHINE,
+) -> dict[str, str] | None:
   """The environment to re-execute with, or None when there is nothing to gain.
 
   Nothing to gain: the user opted out, or already chose a `glibc.malloc.hugetlb`
@@ -129,8 +133,10 @@ COMPILATION_CACHE_ENV = 'DDPM_JAX_COMPILATION_CACHE'
 # only for reductions: its convolutions are slower than XLA's own for this
 # network. The memory-ordered scheduler: less temporary memory at the same
 # speed, bitwise the same results. Neither changes the math (no fast-math).
-XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=reduce',
-                 '--xla_cpu_enable_concurrency_optimized_scheduler=false')
+XLA_CPU_FLAGS = (
+  '--xla_cpu_experimental_ynn_fusion_type=reduce',
+  '--xla_cpu_enable_concurrency_optimized_scheduler=false',
+)
 # Set to 0 to leave XLA_FLAGS as the user gave them.
 XLA_FLAGS_ENV = 'DDPM_JAX_XLA_CPU_FLAGS'
 
@@ -163,8 +169,13 @@ def setup(workdir: str, **distributed: Any) -> None:
   initialize(workdir, **distributed)
 
 
-def initialize(workdir: str, *, coordinator_address: Optional[str] = None,
-               num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
+def initialize(
+  workdir: str,
+  *,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """Multi-process start-up, host-only TensorFlow, and the persistent compile cache.
 
   Must run before any JAX computation (it sets XLA's flags and may start the
@@ -177,6 +188,7 @@ def initialize(workdir: str, *, coordinator_address: Optional[str] = None,
     process_id: this process, in [0, num_processes) (default: $JAX_PROCESS_ID).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   configure_xla_flags()
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
   if num_processes is None:
@@ -186,25 +198,34 @@ def initialize(workdir: str, *, coordinator_address: Optional[str] = None,
   explicit = coordinator_address is not None or (num_processes or 1) > 1
   if explicit or _is_cluster_environment():
     # JAX fills in whatever is None from the cluster environment.
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   # tf.data only feeds the host; keep TensorFlow off the accelerators, and quiet.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')
   # Compiled programs are cached across runs (a warm restart skips compiling).
-  cache_dir = os.environ.get(COMPILATION_CACHE_ENV,
-                             os.path.join(os.path.expanduser('~'), '.cache', 'ddpm_jax', 'xla'))
+  cache_dir = os.environ.get(
+    COMPILATION_CACHE_ENV, os.path.join(os.path.expanduser('~'), '.cache', 'ddpm_jax', 'xla')
+  )
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s).', jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  logging.info(
+    'JAX %s: process %d of %d, %d local / %d global devices (%s).',
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
   os.makedirs(workdir, exist_ok=True)
 
 
-def _env_int(name: str) -> Optional[int]:
+def _env_int(name: str) -> int | None:
   value = os.environ.get(name)
   if value in (None, ''):
     return None
@@ -216,5 +237,6 @@ def _env_int(name: str) -> Optional[int]:
 
 def _is_cluster_environment() -> bool:
   env = os.environ
-  return (int(env.get('SLURM_NTASKS', '1')) > 1 or
-          ('TPU_WORKER_HOSTNAMES' in env and ',' in env['TPU_WORKER_HOSTNAMES']))
+  return int(env.get('SLURM_NTASKS', '1')) > 1 or (
+    'TPU_WORKER_HOSTNAMES' in env and ',' in env['TPU_WORKER_HOSTNAMES']
+  )

@@ -27,8 +27,9 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
   im = inference.load_inference_model(config, workdir)
   name = inference.sampler_name(config, im.step)
   samples_dir = os.path.join(os.path.abspath(workdir), 'samples')
-  images = inference.generate_samples(config, im, config.sampling.num_samples,
-                            os.path.join(samples_dir, name))
+  images = inference.generate_samples(
+    config, im, config.sampling.num_samples, os.path.join(samples_dir, name)
+  )
   path = os.path.join(samples_dir, f'{name}.npz')
   if jax.process_index() == 0:
     files.save_npz(path, images=images)
@@ -39,8 +40,9 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
   return path
 
 
-def save_figures(config: ml_collections.ConfigDict, im: inference.InferenceModel, samples_dir: str,
-                 name: str) -> None:
+def save_figures(
+  config: ml_collections.ConfigDict, im: inference.InferenceModel, samples_dir: str, name: str
+) -> None:
   """The paper's progressive-generation (Fig. 6) and interpolation (Fig. 8) figures."""
   model_fn = inference.make_model_fn(im.model, im.ema_params)
   kw = inference.model_output_options(config)
@@ -49,24 +51,45 @@ def save_figures(config: ml_collections.ConfigDict, im: inference.InferenceModel
   every = max(num_timesteps // 10, 1)
   while num_timesteps % every:
     every -= 1
-  progressive = jax.jit(lambda k: sampling.p_sample_loop_progressive(
-      im.diffusion, model_fn, (4,) + im.image_shape, k, every=every, **kw))
+  progressive = jax.jit(
+    lambda k: sampling.p_sample_loop_progressive(
+      im.diffusion, model_fn, (4,) + im.image_shape, k, every=every, **kw
+    )
+  )
   _, snapshots = progressive(key)
   # Rows: 4 samples; columns: predicted x0 as t goes from T to 0.
   pred_x0 = np.asarray(snapshots['pred_x0'])  # [S, 4, H, W, C]
   tiles = np.transpose(pred_x0, (1, 0, 2, 3, 4)).reshape((-1,) + im.image_shape)
   images_lib.save_png(
-      images_lib.make_grid(images_lib.to_uint8(tiles), num_columns=pred_x0.shape[0]),
-      os.path.join(samples_dir, f'{name}_progressive.png'), upscale=2)
+    images_lib.make_grid(images_lib.to_uint8(tiles), num_columns=pred_x0.shape[0]),
+    os.path.join(samples_dir, f'{name}_progressive.png'),
+    upscale=2,
+  )
 
   # Interpolation between two generated images, decoded from t = T/2.
-  pair = np.asarray(jax.jit(lambda k: inference.sample(
-      im.model, im.ema_params, im.diffusion, config, (2,) + im.image_shape, k,
-      sampler='ddim', num_steps=min(50, num_timesteps)))(jax.random.fold_in(key, 1)))
+  pair = np.asarray(
+    jax.jit(
+      lambda k: inference.sample(
+        im.model,
+        im.ema_params,
+        im.diffusion,
+        config,
+        (2,) + im.image_shape,
+        k,
+        sampler='ddim',
+        num_steps=min(50, num_timesteps),
+      )
+    )(jax.random.fold_in(key, 1))
+  )
   lams = np.linspace(0.0, 1.0, 8)
-  mixed = jax.jit(lambda k: sampling.interpolate(
-      im.diffusion, model_fn, pair[:1], pair[1:], k, t=num_timesteps // 2, lam=lams, **kw))(
-          jax.random.fold_in(key, 2))
+  mixed = jax.jit(
+    lambda k: sampling.interpolate(
+      im.diffusion, model_fn, pair[:1], pair[1:], k, t=num_timesteps // 2, lam=lams, **kw
+    )
+  )(jax.random.fold_in(key, 2))
   row = np.concatenate([pair[:1], np.asarray(mixed)[:, 0], pair[1:]])
-  images_lib.save_png(images_lib.make_grid(images_lib.to_uint8(row), num_columns=len(row)),
-                      os.path.join(samples_dir, f'{name}_interpolation.png'), upscale=2)
+  images_lib.save_png(
+    images_lib.make_grid(images_lib.to_uint8(row), num_columns=len(row)),
+    os.path.join(samples_dir, f'{name}_interpolation.png'),
+    upscale=2,
+  )

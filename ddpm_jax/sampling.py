@@ -31,7 +31,8 @@ before tracing anything and raises `ValueError` naming the valid values.
 import functools
 import math
 import numbers
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +62,17 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, bool)
 
 
-def _check_shape(shape: Any) -> Tuple[int, ...]:
+def _check_shape(shape: Any) -> tuple[int, ...]:
   """Returns shape as a tuple of ints: [B, ...data dims], at least 2 entries."""
-  if (not isinstance(shape, (tuple, list)) or len(shape) < 2 or
-      not all(_is_int(s) and s >= 1 for s in shape)):
-    raise ValueError('shape must be a tuple of positive ints, batch first: '
-                     f'(B, ...data dims, C) with at least 2 entries, got {shape!r}.')
+  if (
+    not isinstance(shape, (tuple, list))
+    or len(shape) < 2
+    or not all(_is_int(s) and s >= 1 for s in shape)
+  ):
+    raise ValueError(
+      'shape must be a tuple of positive ints, batch first: '
+      f'(B, ...data dims, C) with at least 2 entries, got {shape!r}.'
+    )
   return tuple(int(s) for s in shape)
 
 
@@ -96,9 +102,11 @@ def _check_rng(rng: Any) -> None:
   else:
     ok = rng.dtype == jnp.uint32 and len(rng.shape) == 1
   if not ok:
-    raise ValueError('rng must be a single PRNG key (jax.random.key(seed) or '
-                     f'jax.random.PRNGKey(seed)), got dtype {rng.dtype} and shape '
-                     f'{tuple(rng.shape)}; vmap over a batch of keys instead.')
+    raise ValueError(
+      'rng must be a single PRNG key (jax.random.key(seed) or '
+      f'jax.random.PRNGKey(seed)), got dtype {rng.dtype} and shape '
+      f'{tuple(rng.shape)}; vmap over a batch of keys instead.'
+    )
 
 
 def check_sampler(name: str, num_steps: int, num_timesteps: int) -> None:
@@ -119,8 +127,9 @@ def _sample_dtype(d: diffusion_lib.Diffusion) -> jnp.dtype:
   return d.alphas_cumprod.dtype
 
 
-def _initial_sample(d: diffusion_lib.Diffusion, shape: Tuple[int, ...], rng: Any,
-                    x_T: Any) -> Array:
+def _initial_sample(
+  d: diffusion_lib.Diffusion, shape: tuple[int, ...], rng: Any, x_T: Any
+) -> Array:
   """x_T ~ N(0, I) from `rng`, or the given `x_T` (checked against `shape`)."""
   dtype = _sample_dtype(d)
   if x_T is None:
@@ -132,12 +141,11 @@ def _initial_sample(d: diffusion_lib.Diffusion, shape: Tuple[int, ...], rng: Any
   return jnp.asarray(x_T, dtype)
 
 
-def _step_noise(key: Array, i: Array, shape: Tuple[int, ...], dtype: Any) -> Array:
+def _step_noise(key: Array, i: Array, shape: tuple[int, ...], dtype: Any) -> Array:
   return jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
 
 
-def _call_model(d: diffusion_lib.Diffusion, model_fn: ModelFn, x: Array,
-                t: Array) -> Array:
+def _call_model(d: diffusion_lib.Diffusion, model_fn: ModelFn, x: Array, t: Array) -> Array:
   """The model at (x, t) with t mapped to the timesteps the model was trained on."""
   output = model_fn(x, jnp.take(d.timestep_map, t))
   # A model computing in another precision must not change the carry's dtype,
@@ -149,9 +157,15 @@ def _full(batch: int, t: Array) -> Array:
   return jnp.full((batch,), t, dtype=jnp.int32)
 
 
-def _ancestral_step(d: diffusion_lib.Diffusion, model_fn: ModelFn, noise_key: Array,
-                    options: Dict[str, Any], x: Array, t_scalar: Array,
-                    with_pred_x0: bool = False) -> Tuple[Array, Array]:
+def _ancestral_step(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  noise_key: Array,
+  options: dict[str, Any],
+  x: Array,
+  t_scalar: Array,
+  with_pred_x0: bool = False,
+) -> tuple[Array, Array]:
   """x_{t-1} ~ p(x_{t-1} | x_t) with the noise of step t; optionally pred_x0."""
   t = _full(x.shape[0], t_scalar)
   output = _call_model(d, model_fn, x, t)
@@ -164,9 +178,14 @@ def _ancestral_step(d: diffusion_lib.Diffusion, model_fn: ModelFn, noise_key: Ar
   return x_prev, pred_x0
 
 
-def _ancestral_chain(d: diffusion_lib.Diffusion, model_fn: ModelFn, x_start: Array,
-                     timesteps: Array, noise_key: Array,
-                     options: Dict[str, Any]) -> Array:
+def _ancestral_chain(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  x_start: Array,
+  timesteps: Array,
+  noise_key: Array,
+  options: dict[str, Any],
+) -> Array:
   """Runs ancestral steps over `timesteps` (descending) in one scan."""
   step = functools.partial(_ancestral_step, d, model_fn, noise_key, options)
 
@@ -187,10 +206,17 @@ def _descending(start: int) -> Array:
 # Public samplers.
 
 
-def p_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
-                  rng: Array, *, x_T: Optional[Array] = None,
-    clip_denoised: bool = True, model_mean_type: str = 'eps',
-                  model_var_type: str = 'fixedlarge') -> Array:
+def p_sample_loop(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  shape: Sequence[int],
+  rng: Array,
+  *,
+  x_T: Array | None = None,
+  clip_denoised: bool = True,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+) -> Array:
   """Ancestral sampling from x_T ~ N(0, I) down to x_0 (DDPM, Algorithm 2).
 
   Args:
@@ -214,19 +240,26 @@ def p_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence
   shape = _check_shape(shape)
   _check_rng(rng)
   diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
-  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
-                 model_var_type=model_var_type)
+  options = dict(
+    clip_denoised=clip_denoised, model_mean_type=model_mean_type, model_var_type=model_var_type
+  )
   init_key, noise_key = jax.random.split(rng)
   x_t = _initial_sample(d, shape, init_key, x_T)
-  return _ancestral_chain(d, model_fn, x_t, _descending(d.num_timesteps - 1), noise_key,
-                          options)
+  return _ancestral_chain(d, model_fn, x_t, _descending(d.num_timesteps - 1), noise_key, options)
 
 
 def p_sample_loop_progressive(
-    d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int], rng: Array, *,
-    every: int = 100, x_T: Optional[Array] = None,
-    clip_denoised: bool = True, model_mean_type: str = 'eps',
-    model_var_type: str = 'fixedlarge') -> Tuple[Array, Dict[str, Array]]:
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  shape: Sequence[int],
+  rng: Array,
+  *,
+  every: int = 100,
+  x_T: Array | None = None,
+  clip_denoised: bool = True,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+) -> tuple[Array, dict[str, Array]]:
   """Ancestral sampling that also records the chain every `every` steps.
 
   Snapshots are taken at the timesteps t divisible by `every` (the original's
@@ -256,14 +289,13 @@ def p_sample_loop_progressive(
   every = _check_int_range('every', every, 1, num_timesteps)
   if num_timesteps % every:
     divisors = [k for k in range(1, num_timesteps + 1) if num_timesteps % k == 0]
-    raise ValueError(f'every must divide T = {num_timesteps} (one of {divisors}), '
-                     f'got {every}.')
-  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
-                 model_var_type=model_var_type)
+    raise ValueError(f'every must divide T = {num_timesteps} (one of {divisors}), got {every}.')
+  options = dict(
+    clip_denoised=clip_denoised, model_mean_type=model_mean_type, model_var_type=model_var_type
+  )
   init_key, noise_key = jax.random.split(rng)
   x_start = _initial_sample(d, shape, init_key, x_T)
-  step = functools.partial(_ancestral_step, d, model_fn, noise_key, options,
-                           with_pred_x0=True)
+  step = functools.partial(_ancestral_step, d, model_fn, noise_key, options, with_pred_x0=True)
 
   def inner(carry, t_scalar):
     x, _, _ = carry
@@ -308,12 +340,20 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, skip: str = 'uniform') ->
   raise ValueError(f'Unknown skip {skip!r}; valid choices: {", ".join(DDIM_SKIP_TYPES)}.')
 
 
-def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
-                     rng: Array, *, num_steps: int = 50, eta: float = 0.0,
-                     skip: str = 'uniform', x_T: Optional[Array] = None,
-    clip_denoised: bool = True,
-                     model_mean_type: str = 'eps',
-                     model_var_type: str = 'fixedlarge') -> Array:
+def ddim_sample_loop(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  shape: Sequence[int],
+  rng: Array,
+  *,
+  num_steps: int = 50,
+  eta: float = 0.0,
+  skip: str = 'uniform',
+  x_T: Array | None = None,
+  clip_denoised: bool = True,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+) -> Array:
   """DDIM sampling (Song, Meng, Ermon 2021, Eq. 12).
 
   From x ~ N(0, I) at the largest visited timestep, each step from t to the
@@ -354,8 +394,9 @@ def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Seque
   a_t = jnp.take(d.alphas_cumprod, seq).astype(dtype)
   a_prev = jnp.concatenate([jnp.ones((1,), dtype), a_t[:-1]])
   index = jnp.arange(len(seq), dtype=jnp.int32)
-  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
-                 model_var_type=model_var_type)
+  options = dict(
+    clip_denoised=clip_denoised, model_mean_type=model_mean_type, model_var_type=model_var_type
+  )
   init_key, noise_key = jax.random.split(rng)
   batch = shape[0]
 
@@ -376,11 +417,18 @@ def ddim_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Seque
   return x0
 
 
-def respaced_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn,
-                         shape: Sequence[int], rng: Array, *, num_steps: int,
-                         x_T: Optional[Array] = None,
-    clip_denoised: bool = True, model_mean_type: str = 'eps',
-                         model_var_type: str = 'fixedlarge') -> Array:
+def respaced_sample_loop(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  shape: Sequence[int],
+  rng: Array,
+  *,
+  num_steps: int,
+  x_T: Array | None = None,
+  clip_denoised: bool = True,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+) -> Array:
   """Ancestral sampling on a process respaced to `num_steps` evenly spaced steps.
 
   Builds `diffusion.respace(d, diffusion.space_timesteps(T, num_steps))`,
@@ -409,13 +457,31 @@ def respaced_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn,
   # The tables are rebuilt from d's (static) schedule spec, so this also works
   # when d itself is a traced jit argument.
   respaced = diffusion_lib.respace(d, diffusion_lib.space_timesteps(d.num_timesteps, num_steps))
-  return p_sample_loop(respaced, model_fn, shape, rng, x_T=x_T, clip_denoised=clip_denoised,
-                       model_mean_type=model_mean_type, model_var_type=model_var_type)
+  return p_sample_loop(
+    respaced,
+    model_fn,
+    shape,
+    rng,
+    x_T=x_T,
+    clip_denoised=clip_denoised,
+    model_mean_type=model_mean_type,
+    model_var_type=model_var_type,
+  )
 
 
-def interpolate(d: diffusion_lib.Diffusion, model_fn: ModelFn, x0_a: Array, x0_b: Array,
-                rng: Array, *, t: int, lam: Union[float, Array], clip_denoised: bool = True,
-                model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge') -> Array:
+def interpolate(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  x0_a: Array,
+  x0_b: Array,
+  rng: Array,
+  *,
+  t: int,
+  lam: float | Array,
+  clip_denoised: bool = True,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+) -> Array:
   """Interpolates two batches of data in the latent x_t (the paper's Sec. 4.3).
 
   Both are encoded with q(x_t | x_0) using the same noise, mixed as
@@ -444,13 +510,16 @@ def interpolate(d: diffusion_lib.Diffusion, model_fn: ModelFn, x0_a: Array, x0_b
   diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   shape_a, shape_b = tuple(jnp.shape(x0_a)), tuple(jnp.shape(x0_b))
   if shape_a != shape_b or len(shape_a) < 2:
-    raise ValueError(f'x0_a and x0_b must have the same shape [B, ...] with at least 2 '
-                     f'dims, got {shape_a} and {shape_b}.')
+    raise ValueError(
+      f'x0_a and x0_b must have the same shape [B, ...] with at least 2 '
+      f'dims, got {shape_a} and {shape_b}.'
+    )
   t = _check_int_range('t', t, 0, d.num_timesteps - 1)
   if jnp.ndim(lam) not in (0, 1):
     raise ValueError(f'lam must be a scalar or a 1-D array [L], got shape {jnp.shape(lam)}.')
-  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
-                 model_var_type=model_var_type)
+  options = dict(
+    clip_denoised=clip_denoised, model_mean_type=model_mean_type, model_var_type=model_var_type
+  )
   dtype = _sample_dtype(d)
   x0_a, x0_b = jnp.asarray(x0_a, dtype), jnp.asarray(x0_b, dtype)
   encode_key, noise_key = jax.random.split(rng)
@@ -469,11 +538,19 @@ def interpolate(d: diffusion_lib.Diffusion, model_fn: ModelFn, x0_a: Array, x0_b
   return jax.vmap(decode)(jnp.asarray(lam))
 
 
-def pc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
-                   rng: Array, *, corrector_steps: int = 1, snr: float = 0.16,
-                   x_T: Optional[Array] = None,
-    clip_denoised: bool = True, model_mean_type: str = 'eps',
-                   model_var_type: str = 'fixedlarge') -> Array:
+def pc_sample_loop(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  shape: Sequence[int],
+  rng: Array,
+  *,
+  corrector_steps: int = 1,
+  snr: float = 0.16,
+  x_T: Array | None = None,
+  clip_denoised: bool = True,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+) -> Array:
   """Predictor-corrector sampling for the VP process (score SDE, Song et al. 2021).
 
   At each t = T-1 .. 0, `corrector_steps` Langevin steps targeting q(x_t),
@@ -513,8 +590,9 @@ def pc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequenc
     raise ValueError(f'corrector_steps must be an integer >= 0, got {corrector_steps!r}.')
   corrector_steps = int(corrector_steps)
   snr = _check_nonnegative('snr', snr)
-  options = dict(clip_denoised=clip_denoised, model_mean_type=model_mean_type,
-                 model_var_type=model_var_type)
+  options = dict(
+    clip_denoised=clip_denoised, model_mean_type=model_mean_type, model_var_type=model_var_type
+  )
   evals_per_t = corrector_steps + 1
   init_key, noise_key = jax.random.split(rng)
   batch = shape[0]
@@ -529,9 +607,15 @@ def pc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequenc
     if model_mean_type == 'eps':
       eps = diffusion_lib.split_model_output(output, x, model_var_type)[0]
     else:
-      eps = diffusion_lib.p_mean_variance(d, output, x, t, model_mean_type=model_mean_type,
-                                          model_var_type=model_var_type,
-                                          clip_denoised=False)['pred_eps']
+      eps = diffusion_lib.p_mean_variance(
+        d,
+        output,
+        x,
+        t,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=False,
+      )['pred_eps']
     score = diffusion_lib.score_from_eps(d, eps, t)
     score_norm = jnp.sqrt(jnp.sum(jnp.square(score), axis=axes, keepdims=True))
     noise_norm = jnp.sqrt(jnp.sum(jnp.square(noise), axis=axes, keepdims=True))
@@ -579,28 +663,42 @@ def solver_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return np.linspace(0, num_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
 
 
-def _check_solver_args(d, shape, rng, x_T, order, model_mean_type, model_var_type,
-                       clip_denoised, dynamic_threshold, final_sigma):
+def _check_solver_args(
+  d,
+  shape,
+  rng,
+  x_T,
+  order,
+  model_mean_type,
+  model_var_type,
+  clip_denoised,
+  dynamic_threshold,
+  final_sigma,
+):
   _check_diffusion(d)
   shape = _check_shape(shape)
   diffusion_lib.check_model_options(model_mean_type, model_var_type, clip_denoised)
   if model_mean_type == 'xprev':
-    raise ValueError("The ODE solvers need a model of eps, x0 or v; model_mean_type='xprev' "
-                     'predicts a step of the ancestral chain instead.')
+    raise ValueError(
+      "The ODE solvers need a model of eps, x0 or v; model_mean_type='xprev' "
+      'predicts a step of the ancestral chain instead.'
+    )
   if not _is_int(order) or order not in SOLVER_ORDERS:
     raise ValueError(f'order must be one of {SOLVER_ORDERS}, got {order!r}.')
   if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
     raise ValueError(f'dynamic_threshold must be a quantile in (0, 1], got {dynamic_threshold!r}.')
   if final_sigma not in FINAL_SIGMAS:
-    raise ValueError(f'Unknown final_sigma {final_sigma!r}; valid choices: '
-                     f'{", ".join(FINAL_SIGMAS)}.')
+    raise ValueError(
+      f'Unknown final_sigma {final_sigma!r}; valid choices: {", ".join(FINAL_SIGMAS)}.'
+    )
   if x_T is None:
     _check_rng(rng)
   return shape, _initial_sample(d, shape, rng, x_T)
 
 
-def _solver_tables(d: diffusion_lib.Diffusion, timesteps: np.ndarray, dtype: Any,
-                   final_sigma: str) -> Tuple[Array, Array, Array]:
+def _solver_tables(
+  d: diffusion_lib.Diffusion, timesteps: np.ndarray, dtype: Any, final_sigma: str
+) -> tuple[Array, Array, Array]:
   """alpha, sigma and lambda [K + 1] at the visited timesteps, then at the end point."""
   a = jnp.take(d.alphas_cumprod, jnp.asarray(timesteps)).astype(dtype)
   ratio = jnp.sqrt((1.0 - a) / a)  # sigma / alpha, diffusers' "sigma"
@@ -612,8 +710,18 @@ def _solver_tables(d: diffusion_lib.Diffusion, timesteps: np.ndarray, dtype: Any
   return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)  # lambda = +inf at sigma = 0
 
 
-def _data_prediction(d, model_fn, x, t_scalar, alpha, sigma, model_mean_type, model_var_type,
-                     clip_denoised, dynamic_threshold):
+def _data_prediction(
+  d,
+  model_fn,
+  x,
+  t_scalar,
+  alpha,
+  sigma,
+  model_mean_type,
+  model_var_type,
+  clip_denoised,
+  dynamic_threshold,
+):
   """The model's x_0 at (x, t), from whatever it predicts; optionally clipped or thresholded."""
   output = _call_model(d, model_fn, x, _full(x.shape[0], t_scalar))
   mean_out, _ = diffusion_lib.split_model_output(output, x, model_var_type)
@@ -668,16 +776,28 @@ def _dpm_solver_update(order: int, x, preds, i, tables):
   d1_1 = (preds[1] - preds[2]) / r1
   d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
   d2 = (d1_0 - d1_1) / (r0 + r1)
-  return (x_next + alpha[i + 1] * (phi / h + 1.0) * d1
-          - alpha[i + 1] * ((phi + h) / jnp.square(h) - 0.5) * d2)
+  return (
+    x_next
+    + alpha[i + 1] * (phi / h + 1.0) * d1
+    - alpha[i + 1] * ((phi + h) / jnp.square(h) - 0.5) * d2
+  )
 
 
-def dpm_solver_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
-                           rng: Array, *, num_steps: int = 20, order: int = 2,
-                           x_T: Optional[Array] = None, clip_denoised: bool = False,
-                           model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge',
-                           dynamic_threshold: Optional[float] = None,
-                           final_sigma: str = 'zero') -> Array:
+def dpm_solver_sample_loop(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  shape: Sequence[int],
+  rng: Array,
+  *,
+  num_steps: int = 20,
+  order: int = 2,
+  x_T: Array | None = None,
+  clip_denoised: bool = False,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+  dynamic_threshold: float | None = None,
+  final_sigma: str = 'zero',
+) -> Array:
   """Multistep DPM-Solver++ (Lu et al. 2022b) of the probability-flow ODE, `num_steps` model calls.
 
   Equal, to float rounding, to diffusers' `DPMSolverMultistepScheduler(
@@ -705,14 +825,30 @@ def dpm_solver_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape:
   Returns:
     x_0 of `shape`.
   """
-  shape, x_start = _check_solver_args(d, shape, rng, x_T, order, model_mean_type,
-                                      model_var_type, clip_denoised, dynamic_threshold, final_sigma)
+  shape, x_start = _check_solver_args(
+    d,
+    shape,
+    rng,
+    x_T,
+    order,
+    model_mean_type,
+    model_var_type,
+    clip_denoised,
+    dynamic_threshold,
+    final_sigma,
+  )
   timesteps = solver_timesteps(d.num_timesteps, num_steps)
   tables = _solver_tables(d, timesteps, x_start.dtype, final_sigma)
   alpha, sigma, _ = tables
-  predict = functools.partial(_data_prediction, d, model_fn, model_mean_type=model_mean_type,
-                              model_var_type=model_var_type, clip_denoised=clip_denoised,
-                              dynamic_threshold=dynamic_threshold)
+  predict = functools.partial(
+    _data_prediction,
+    d,
+    model_fn,
+    model_mean_type=model_mean_type,
+    model_var_type=model_var_type,
+    clip_denoised=clip_denoised,
+    dynamic_threshold=dynamic_threshold,
+  )
   updates = [functools.partial(_dpm_solver_update, k) for k in range(1, order + 1)]
 
   def body(carry, step):
@@ -723,15 +859,30 @@ def dpm_solver_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape:
     x_next = jax.lax.switch(step_order - 1, updates, x, preds, i, tables)
     return (x_next.astype(x.dtype), preds), None
 
-  steps = (jnp.arange(len(timesteps), dtype=jnp.int32), jnp.asarray(timesteps, jnp.int32),
-           jnp.asarray(_dpm_solver_orders(len(timesteps), order, final_sigma)))
+  steps = (
+    jnp.arange(len(timesteps), dtype=jnp.int32),
+    jnp.asarray(timesteps, jnp.int32),
+    jnp.asarray(_dpm_solver_orders(len(timesteps), order, final_sigma)),
+  )
   init = (x_start, jnp.zeros((order,) + shape, x_start.dtype))
   (x0, _), _ = jax.lax.scan(body, init, steps)
   return x0
 
 
-def _unipc_update(order: int, corrector: bool, x, m0, older, lam_t, lam_s0, lam_older,
-                  alpha_t, sigma_t, sigma_s0, model_t=None):
+def _unipc_update(
+  order: int,
+  corrector: bool,
+  x,
+  m0,
+  older,
+  lam_t,
+  lam_s0,
+  lam_older,
+  alpha_t,
+  sigma_t,
+  sigma_s0,
+  model_t=None,
+):
   """UniP (predictor) or UniC (corrector) of `order` with B(h) = e^h - 1 (Zhao et al. 2023, bh2).
 
   `m0` is the x_0 prediction at s0, `older[k]` (lambda `lam_older[k]`) the
@@ -750,7 +901,7 @@ def _unipc_update(order: int, corrector: bool, x, m0, older, lam_t, lam_s0, lam_
     h_phi_k = h_phi_k / hh - 1.0 / factorial
   rks = [(lam_older[k] - lam_s0) / (lam_t - lam_s0) for k in range(order - 1)]
   d1s = [(older[k] - m0) / rks[k] for k in range(order - 1)]
-  rows = [jnp.stack([r ** k for r in rks + [jnp.ones_like(lam_t)]]) for k in range(order)]
+  rows = [jnp.stack([r**k for r in rks + [jnp.ones_like(lam_t)]]) for k in range(order)]
   if not corrector:
     if order == 1:
       return x_next
@@ -769,12 +920,21 @@ def _unipc_orders(num_steps: int, order: int) -> np.ndarray:
   return np.asarray([min(order, num_steps - i, i + 1) for i in range(num_steps)], np.int32)
 
 
-def unipc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequence[int],
-                      rng: Array, *, num_steps: int = 10, order: int = 2,
-                      x_T: Optional[Array] = None, clip_denoised: bool = False,
-                      model_mean_type: str = 'eps', model_var_type: str = 'fixedlarge',
-                      dynamic_threshold: Optional[float] = None,
-                      final_sigma: str = 'zero') -> Array:
+def unipc_sample_loop(
+  d: diffusion_lib.Diffusion,
+  model_fn: ModelFn,
+  shape: Sequence[int],
+  rng: Array,
+  *,
+  num_steps: int = 10,
+  order: int = 2,
+  x_T: Array | None = None,
+  clip_denoised: bool = False,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+  dynamic_threshold: float | None = None,
+  final_sigma: str = 'zero',
+) -> Array:
   """UniPC (Zhao et al. 2023; bh2, data prediction): a multistep predictor-corrector ODE solver.
 
   Each step's model call also corrects the previous step (UniC) before
@@ -791,13 +951,29 @@ def unipc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequ
   Returns:
     x_0 of `shape`.
   """
-  shape, x_start = _check_solver_args(d, shape, rng, x_T, order, model_mean_type,
-                                      model_var_type, clip_denoised, dynamic_threshold, final_sigma)
+  shape, x_start = _check_solver_args(
+    d,
+    shape,
+    rng,
+    x_T,
+    order,
+    model_mean_type,
+    model_var_type,
+    clip_denoised,
+    dynamic_threshold,
+    final_sigma,
+  )
   timesteps = solver_timesteps(d.num_timesteps, num_steps)
   alpha, sigma, lam = _solver_tables(d, timesteps, x_start.dtype, final_sigma)
-  predict = functools.partial(_data_prediction, d, model_fn, model_mean_type=model_mean_type,
-                              model_var_type=model_var_type, clip_denoised=clip_denoised,
-                              dynamic_threshold=dynamic_threshold)
+  predict = functools.partial(
+    _data_prediction,
+    d,
+    model_fn,
+    model_mean_type=model_mean_type,
+    model_var_type=model_var_type,
+    clip_denoised=clip_denoised,
+    dynamic_threshold=dynamic_threshold,
+  )
   orders = _unipc_orders(len(timesteps), order)
 
   def at(table, i):
@@ -806,18 +982,41 @@ def unipc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequ
   def predictor(k):
     def update(x, preds, i, _):
       older = [preds[j] for j in range(1, k)]
-      return _unipc_update(k, False, x, preds[0], older, lam[i + 1], lam[i],
-                           [at(lam, i - j) for j in range(1, k)], alpha[i + 1], sigma[i + 1],
-                           sigma[i])
+      return _unipc_update(
+        k,
+        False,
+        x,
+        preds[0],
+        older,
+        lam[i + 1],
+        lam[i],
+        [at(lam, i - j) for j in range(1, k)],
+        alpha[i + 1],
+        sigma[i + 1],
+        sigma[i],
+      )
+
     return update
 
   def corrector(k):
     def update(x, last_x, preds, i, x0):
       # Corrects x_i, predicted from last_x at i - 1, with the new prediction x0.
       older = [preds[j] for j in range(1, k)]
-      return _unipc_update(k, True, last_x, preds[0], older, lam[i], at(lam, i - 1),
-                           [at(lam, i - 1 - j) for j in range(1, k)], alpha[i], sigma[i],
-                           at(sigma, i - 1), model_t=x0)
+      return _unipc_update(
+        k,
+        True,
+        last_x,
+        preds[0],
+        older,
+        lam[i],
+        at(lam, i - 1),
+        [at(lam, i - 1 - j) for j in range(1, k)],
+        alpha[i],
+        sigma[i],
+        at(sigma, i - 1),
+        model_t=x0,
+      )
+
     return update
 
   correctors = [lambda x, *_: x] + [corrector(k) for k in range(1, order + 1)]
@@ -832,8 +1031,12 @@ def unipc_sample_loop(d: diffusion_lib.Diffusion, model_fn: ModelFn, shape: Sequ
     x_next = jax.lax.switch(step_order - 1, predictors, x, preds, i, None)
     return (x_next.astype(x.dtype), x, preds), None
 
-  steps = (jnp.arange(len(timesteps), dtype=jnp.int32), jnp.asarray(timesteps, jnp.int32),
-           jnp.asarray(orders), jnp.asarray(np.concatenate([[0], orders[:-1]]), jnp.int32))
+  steps = (
+    jnp.arange(len(timesteps), dtype=jnp.int32),
+    jnp.asarray(timesteps, jnp.int32),
+    jnp.asarray(orders),
+    jnp.asarray(np.concatenate([[0], orders[:-1]]), jnp.int32),
+  )
   init = (x_start, x_start, jnp.zeros((order,) + shape, x_start.dtype))
   (x0, _, _), _ = jax.lax.scan(body, init, steps)
   return x0

@@ -12,7 +12,7 @@ code (diffusion_tf/diffusion_utils_2.py); `cosine` is improved DDPM's
 """
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,8 +46,9 @@ def _warmup(fraction: float) -> Callable[[int, float, float], np.ndarray]:
   return schedule
 
 
-def _cosine(num_timesteps: int, beta_start: float, beta_end: float,
-            s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+def _cosine(
+  num_timesteps: int, beta_start: float, beta_end: float, s: float = 0.008, max_beta: float = 0.999
+) -> np.ndarray:
   # alpha_bar(u) = cos^2((u + s)/(1 + s) * pi/2), betas from its ratios, capped
   # at 0.999 so the last steps do not become singular.
   del beta_start, beta_end
@@ -56,9 +57,15 @@ def _cosine(num_timesteps: int, beta_start: float, beta_end: float,
   return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
 
 
-def _sigmoid(num_timesteps: int, beta_start: float, beta_end: float,
-             start: float = -3.0, end: float = 3.0, tau: float = 1.0,
-             max_beta: float = 0.999) -> np.ndarray:
+def _sigmoid(
+  num_timesteps: int,
+  beta_start: float,
+  beta_end: float,
+  start: float = -3.0,
+  end: float = 3.0,
+  tau: float = 1.0,
+  max_beta: float = 0.999,
+) -> np.ndarray:
   # alpha_bar(u) follows a rescaled sigmoid from 1 at u = 0 to 0 at u = 1.
   del beta_start, beta_end
   sig = lambda z: 1 / (1 + np.exp(-z))
@@ -69,14 +76,14 @@ def _sigmoid(num_timesteps: int, beta_start: float, beta_end: float,
 
 
 _SCHEDULES = {
-    'linear': _linear,
-    'quad': _quad,
-    'const': _const,
-    'jsd': _jsd,
-    'warmup10': _warmup(0.1),
-    'warmup50': _warmup(0.5),
-    'cosine': _cosine,
-    'sigmoid': _sigmoid,
+  'linear': _linear,
+  'quad': _quad,
+  'const': _const,
+  'jsd': _jsd,
+  'warmup10': _warmup(0.1),
+  'warmup50': _warmup(0.5),
+  'cosine': _cosine,
+  'sigmoid': _sigmoid,
 }
 
 BETA_SCHEDULES = tuple(_SCHEDULES)
@@ -84,8 +91,9 @@ BETA_SCHEDULES = tuple(_SCHEDULES)
 RANGE_SCHEDULES = ('linear', 'quad', 'const', 'warmup10', 'warmup50')
 
 
-def get_beta_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
-                      beta_end: float = 0.02) -> np.ndarray:
+def get_beta_schedule(
+  name: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
   """Returns the float64 betas of a named schedule.
 
   Args:
@@ -101,13 +109,14 @@ def get_beta_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4,
     ValueError: unknown name, T < 1, or a beta range outside (0, 1).
   """
   if name not in _SCHEDULES:
-    raise ValueError(f'Unknown beta_schedule {name!r}; valid choices: '
-                     f'{", ".join(BETA_SCHEDULES)}.')
+    raise ValueError(f'Unknown beta_schedule {name!r}; valid choices: {", ".join(BETA_SCHEDULES)}.')
   if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
     raise ValueError(f'num_timesteps must be a positive integer, got {num_timesteps!r}.')
   if name in RANGE_SCHEDULES and not 0 < beta_start <= beta_end < 1:
-    raise ValueError('The beta range must satisfy 0 < beta_start <= beta_end < 1, '
-                     f'got beta_start={beta_start}, beta_end={beta_end}.')
+    raise ValueError(
+      'The beta range must satisfy 0 < beta_start <= beta_end < 1, '
+      f'got beta_start={beta_start}, beta_end={beta_end}.'
+    )
   betas = _SCHEDULES[name](int(num_timesteps), float(beta_start), float(beta_end))
   # jsd ends at exactly 1 (x_T independent of x_0), as in the original.
   assert betas.shape == (num_timesteps,) and np.all((betas > 0) & (betas <= 1)), name

@@ -5,7 +5,8 @@ The train state is replicated and the batch is split along its first axis;
 8 TPU cores, or on a multi-host pod: only the mesh differs.
 """
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named 'data' over `devices` (default: all devices of all hosts)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -39,15 +40,17 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   num_devices = mesh.devices.size
   if global_batch_size % num_devices:
     raise ValueError(
-        f'The global batch size {global_batch_size} does not divide by the number of '
-        f'devices {num_devices}; choose a multiple of {num_devices}.')
+      f'The global batch size {global_batch_size} does not divide by the number of '
+      f'devices {num_devices}; choose a multiple of {num_devices}.'
+    )
   if global_batch_size % jax.process_count():
-    raise ValueError(f'The global batch size {global_batch_size} does not divide by the '
-                     f'number of processes {jax.process_count()}.')
+    raise ValueError(
+      f'The global batch size {global_batch_size} does not divide by the '
+      f'number of processes {jax.process_count()}.'
+    )
 
 
-def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                   leading_axes: int = 0) -> Any:
+def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh, leading_axes: int = 0) -> Any:
   """Assembles each host's slice of the batch into one global sharded array.
 
   Args:
@@ -61,4 +64,5 @@ def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   """
   sharding = batch_sharded(mesh, leading_axes)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(local_batch))
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(local_batch)
+  )

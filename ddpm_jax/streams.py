@@ -13,11 +13,12 @@ import jax
 
 class Stream(enum.IntEnum):
   """What a key is for; the value is what gets folded into the seed key."""
-  INIT = 2**31 - 1      # Parameter initialisation.
-  GRID = 2**31 - 2      # The periodic sample grids of training (the same key every time).
-  SAMPLE = 2**31 - 3    # --mode=sample and the samples of --mode=eval.
-  FIGURE = 2**31 - 4    # The progressive-generation and interpolation figures.
-  BPD = 2**31 - 5       # The bound's noise in --mode=eval.
+
+  INIT = 2**31 - 1  # Parameter initialisation.
+  GRID = 2**31 - 2  # The periodic sample grids of training (the same key every time).
+  SAMPLE = 2**31 - 3  # --mode=sample and the samples of --mode=eval.
+  FIGURE = 2**31 - 4  # The progressive-generation and interpolation figures.
+  BPD = 2**31 - 5  # The bound's noise in --mode=eval.
 
 
 def key(seed: int, stream: Stream) -> jax.Array:

@@ -26,7 +26,8 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +63,10 @@ def workdir_lock(workdir: str):
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise TrainingError(f'{workdir} is in use by another trainer (it holds {path}); '
-                          'stop it first or use another --workdir.') from None
+      raise TrainingError(
+        f'{workdir} is in use by another trainer (it holds {path}); '
+        'stop it first or use another --workdir.'
+      ) from None
     try:
       yield
     finally:
@@ -136,7 +139,7 @@ class _MetricsLog:
           kept.append(json.dumps(record))
     files.write_text(self.path, ''.join(line + '\n' for line in kept))
 
-  def append(self, first_step: int, per_step: Dict[str, np.ndarray]) -> None:
+  def append(self, first_step: int, per_step: dict[str, np.ndarray]) -> None:
     """Writes one record per step: `first_step`, first_step + 1, ..."""
     if not self._enabled:
       return
@@ -155,8 +158,9 @@ def _all_finite(trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def save_checkpoint(ckpt: checkpointing.Checkpointer, step: int, state: Any,
-                    config_json: str) -> None:
+def save_checkpoint(
+  ckpt: checkpointing.Checkpointer, step: int, state: Any, config_json: str
+) -> None:
   """Starts an (asynchronous) save of `state`, refusing one with NaN or Inf values.
 
   Raises:
@@ -166,15 +170,20 @@ def save_checkpoint(ckpt: checkpointing.Checkpointer, step: int, state: Any,
   if not bool(_all_finite((state.params, state.opt_state, state.ema_params))):
     latest = ckpt.latest_step()
     raise TrainingError(
-        f'The state at step {step} holds NaN or Inf values, so it was not checkpointed ('
-        + ('no checkpoint was written' if latest is None else
-           f'the newest checkpoint, step {latest}, is finite')
-        + '). Lower the learning rate or check the data.')
+      f'The state at step {step} holds NaN or Inf values, so it was not checkpointed ('
+      + (
+        'no checkpoint was written'
+        if latest is None
+        else f'the newest checkpoint, step {latest}, is finite'
+      )
+      + '). Lower the learning rate or check the data.'
+    )
   ckpt.save(step, state, config_json)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices: Optional[Sequence[jax.Device]] = None) -> Dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[jax.Device] | None = None
+) -> dict[str, float]:
   """Trains (or resumes training) until `config.training.num_train_steps`.
 
   Args:
@@ -199,8 +208,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with contextlib.ExitStack() as stack:
     if is_chief:  # The other processes share the chief's workdir.
       stack.enter_context(workdir_lock(workdir))
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                      max_to_keep=config.training.keep_checkpoints)
+    ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), max_to_keep=config.training.keep_checkpoints
+    )
     stack.callback(ckpt.close)
     preemption = stack.enter_context(_Preemption(ckpt))
     return _train(config, workdir, mesh, ckpt, preemption, is_chief)
@@ -212,8 +222,11 @@ def _restore(config, workdir, mesh, ckpt, model, image_shape):
     return None
   abstract = checkpointing.abstract_train_state(model, config, image_shape, mesh)
   state, step = ckpt.restore(
-      abstract, check_config=functools.partial(
-          checkpointing.check_resume_compatible, config=config, workdir=workdir))
+    abstract,
+    check_config=functools.partial(
+      checkpointing.check_resume_compatible, config=config, workdir=workdir
+    ),
+  )
   # Newer steps failed to restore; out of the way, or saving them again would fail.
   ckpt.set_aside([s for s in ckpt.all_steps() if s > step])
   if int(state.step) != step:
@@ -238,7 +251,7 @@ def _create(config, workdir, mesh, model, image_shape, is_chief):
   return state, 0
 
 
-def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float]:
+def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> dict[str, float]:
   tc = config.training
   model, d, image_shape = inference.build_model_and_diffusion(config)
   config_json = config.to_json_best_effort()
@@ -255,21 +268,33 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float
   # From the state itself: its static parts (apply_fn, tx) must match exactly.
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   train_fn = jax.jit(
-      functools.partial(train_state_lib.train_steps, diffusion=d, config=config),
-      in_shardings=(state_sharding, sharding_lib.batch_sharded(mesh, 1),
-                    sharding_lib.replicated(mesh)),
-      out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
-      donate_argnums=0)
+    functools.partial(train_state_lib.train_steps, diffusion=d, config=config),
+    in_shardings=(
+      state_sharding,
+      sharding_lib.batch_sharded(mesh, 1),
+      sharding_lib.replicated(mesh),
+    ),
+    out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+    donate_argnums=0,
+  )
   sample_fn = None
   if tc.sample_every_steps > 0:
     sample_fn = inference.make_sample_fn(
-        model, d, config, (tc.num_sample_images,) + image_shape,
-        sampler=config.sampling.grid_sampler, num_steps=config.sampling.grid_num_steps,
-        mesh=mesh)
+      model,
+      d,
+      config,
+      (tc.num_sample_images,) + image_shape,
+      sampler=config.sampling.grid_sampler,
+      num_steps=config.sampling.grid_num_steps,
+      mesh=mesh,
+    )
 
   data = input_pipeline.make_train_iterator(
-      config, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+    config,
+    start_step=start_step,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   metrics_log = _MetricsLog(os.path.join(workdir, METRICS_FILE), enabled=is_chief)
   metrics_log.truncate_after(start_step)
@@ -278,11 +303,17 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float
 
   last_step = tc.num_train_steps
   step = start_step
-  pending: List[Dict[str, jax.Array]] = []  # Per-step metrics, on device until a log step.
-  last_metrics: Dict[str, float] = {}
+  pending: list[dict[str, jax.Array]] = []  # Per-step metrics, on device until a log step.
+  last_metrics: dict[str, float] = {}
   timer = (step, time.time())
-  logging.info('Training %s from step %d to %d on %d device(s), global batch %d.',
-               config.data.dataset, step, last_step, mesh.devices.size, tc.batch_size)
+  logging.info(
+    'Training %s from step %d to %d on %d device(s), global batch %d.',
+    config.data.dataset,
+    step,
+    last_step,
+    mesh.devices.size,
+    tc.batch_size,
+  )
   try:
     while step < last_step:
       batch = sharding_lib.host_to_global(_stack_batches(data, k), mesh, leading_axes=1)
@@ -311,8 +342,9 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float
         save_checkpoint(ckpt, step, state, config_json)
       if preempted:
         ckpt.wait()
-        logging.warning('Preempted: committed the checkpoint of step %d; run the same command '
-                        'to resume.', step)
+        logging.warning(
+          'Preempted: committed the checkpoint of step %d; run the same command to resume.', step
+        )
         break
     ckpt.wait()
   finally:
@@ -321,7 +353,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> Dict[str, float
   return last_metrics
 
 
-def _log(step, last_step, pending, state, timer, writer, metrics_log, tc) -> Dict[str, float]:
+def _log(step, last_step, pending, state, timer, writer, metrics_log, tc) -> dict[str, float]:
   """Writes the per-step metrics since the last log step; stops a diverged run."""
   # One transfer for everything since the last log step.
   per_call, nonfinite_in_a_row = jax.device_get((pending, state.nonfinite_in_a_row))
@@ -330,27 +362,38 @@ def _log(step, last_step, pending, state, timer, writer, metrics_log, tc) -> Dic
   metrics_log.append(step - count + 1, per_step)
   finite = per_step['finite'] > 0
   # Means over the applied steps: a skipped step's NaN would hide the others.
-  metrics = {name: float(np.mean(values[finite])) if finite.any() else float('nan')
-             for name, values in per_step.items() if name != 'finite'}
+  metrics = {
+    name: float(np.mean(values[finite])) if finite.any() else float('nan')
+    for name, values in per_step.items()
+    if name != 'finite'
+  }
   timer_step, timer_time = timer
   steps_per_sec = (step - timer_step) / max(time.time() - timer_time, 1e-9)
   metrics['steps_per_sec'] = steps_per_sec
   metrics['skipped_steps'] = float(count - finite.sum())
   writer.write_scalars(step, metrics)
   eta = (last_step - step) / max(steps_per_sec, 1e-9)
-  logging.info('step %d/%d (%.1f%%)  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s',
-               step, last_step, 100.0 * step / last_step, metrics['loss'], metrics['grad_norm'],
-               steps_per_sec, _format_seconds(eta))
+  logging.info(
+    'step %d/%d (%.1f%%)  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s',
+    step,
+    last_step,
+    100.0 * step / last_step,
+    metrics['loss'],
+    metrics['grad_norm'],
+    steps_per_sec,
+    _format_seconds(eta),
+  )
   if int(nonfinite_in_a_row) >= tc.max_consecutive_nonfinite:
     raise TrainingError(
-        f'{int(nonfinite_in_a_row)} training steps in a row had a non-finite loss or gradient '
-        f'(stopped at step {step}; limit training.max_consecutive_nonfinite='
-        f'{tc.max_consecutive_nonfinite}). They were skipped, and the checkpoints hold finite '
-        'values; lower the learning rate or check the data.')
+      f'{int(nonfinite_in_a_row)} training steps in a row had a non-finite loss or gradient '
+      f'(stopped at step {step}; limit training.max_consecutive_nonfinite='
+      f'{tc.max_consecutive_nonfinite}). They were skipped, and the checkpoints hold finite '
+      'values; lower the learning rate or check the data.'
+    )
   return metrics
 
 
-def _stack_batches(iterator, k: int) -> Dict[str, np.ndarray]:
+def _stack_batches(iterator, k: int) -> dict[str, np.ndarray]:
   batches = [next(iterator) for _ in range(k)]
   return {key: np.stack([b[key] for b in batches]) for key in ('image',)}
 
@@ -359,7 +402,7 @@ def _is_due(step: int, every: int, last_step: int) -> bool:
   return every > 0 and (step % every == 0 or step == last_step)
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):

@@ -5,7 +5,7 @@ consecutive skipped (non-finite) steps. `train_step` is a pure function of
 (state, batch, rng); the loop in `ddpm_jax/train.py` jits it over the mesh.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,6 +30,7 @@ class TrainState(train_state.TrainState):
     nonfinite_in_a_row: how many steps in a row had a non-finite loss or
       gradient (and were therefore skipped); reset by a finite step.
   """
+
   ema_params: Any
   nonfinite_in_a_row: Array
 
@@ -40,8 +41,13 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   `kernels.adam.clipped_adam`: optax's chain of `clip_by_global_norm` and
   `adam`, with that chain's state, so checkpoints restore with either.
   """
-  return adam_kernel.clipped_adam(learning_rate_schedule(optim), b1=optim.beta1, b2=optim.beta2,
-                                  eps=optim.eps, max_norm=optim.grad_clip)
+  return adam_kernel.clipped_adam(
+    learning_rate_schedule(optim),
+    b1=optim.beta1,
+    b2=optim.beta2,
+    eps=optim.eps,
+    max_norm=optim.grad_clip,
+  )
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
@@ -60,8 +66,9 @@ def ema_decay_at(step: Array, optim: ml_collections.ConfigDict) -> Array:
   return decay
 
 
-def update_state(state: TrainState, grads: Any, grad_norm: Array, finite: Array,
-                 optim: ml_collections.ConfigDict) -> TrainState:
+def update_state(
+  state: TrainState, grads: Any, grad_norm: Array, finite: Array, optim: ml_collections.ConfigDict
+) -> TrainState:
   """The optimizer's step and the EMA of the new parameters; only the counters if not `finite`.
 
   Args:
@@ -75,9 +82,9 @@ def update_state(state: TrainState, grads: Any, grad_norm: Array, finite: Array,
   Returns:
     The state after the step, its step counter one higher.
   """
+
   def apply_update():
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
-                                         grad_norm=grad_norm)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, optim)
     return params, opt_state, optax.incremental_update(params, state.ema_params, 1.0 - decay)
@@ -85,14 +92,20 @@ def update_state(state: TrainState, grads: Any, grad_norm: Array, finite: Array,
   # lax.cond rather than a per-leaf jnp.where: XLA would copy the `finite`
   # computation into every leaf's fusion, which made compiling very slow.
   params, opt_state, ema_params = jax.lax.cond(
-      finite, apply_update, lambda: (state.params, state.opt_state, state.ema_params))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       ema_params=ema_params,
-                       nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
+    finite, apply_update, lambda: (state.params, state.opt_state, state.ema_params)
+  )
+  return state.replace(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    ema_params=ema_params,
+    nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+  )
 
 
-def create_train_state(model: nn.Module, config: ml_collections.ConfigDict, rng: Array,
-                       image_shape: Tuple[int, int, int]) -> TrainState:
+def create_train_state(
+  model: nn.Module, config: ml_collections.ConfigDict, rng: Array, image_shape: tuple[int, int, int]
+) -> TrainState:
   """Initialises parameters, optimizer state and EMA (a copy of the parameters).
 
   Args:
@@ -108,15 +121,24 @@ def create_train_state(model: nn.Module, config: ml_collections.ConfigDict, rng:
   t = jnp.zeros((1,), jnp.int32)
   params = model.init({'params': rng}, x, t, train=False)['params']
   return TrainState.create(
-      apply_fn=model.apply, params=params, tx=make_optimizer(config.optim),
-      # A copy, not an alias: the loop donates the state, and a buffer donated
-      # twice is an error.
-      ema_params=jax.tree.map(jnp.copy, params), nonfinite_in_a_row=jnp.zeros((), jnp.int32))
+    apply_fn=model.apply,
+    params=params,
+    tx=make_optimizer(config.optim),
+    # A copy, not an alias: the loop donates the state, and a buffer donated
+    # twice is an error.
+    ema_params=jax.tree.map(jnp.copy, params),
+    nonfinite_in_a_row=jnp.zeros((), jnp.int32),
+  )
 
 
-def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
-               diffusion: diffusion_lib.Diffusion,
-               config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, Array],
+  rng: Array,
+  *,
+  diffusion: diffusion_lib.Diffusion,
+  config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, Array]]:
   """One optimisation step on a batch: returns the new state and its metrics.
 
   A step whose loss or gradient is non-finite changes nothing but the step
@@ -142,13 +164,22 @@ def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
 
   def loss_fn(params):
     def model_fn(x_t, timesteps):
-      return state.apply_fn({'params': params}, x_t, timesteps, train=True,
-                            rngs={'dropout': dropout_rng})
+      return state.apply_fn(
+        {'params': params}, x_t, timesteps, train=True, rngs={'dropout': dropout_rng}
+      )
+
     losses = losses_lib.training_losses(
-        diffusion, model_fn, images, t, noise, loss_type=dc.loss_type,
-        model_mean_type=dc.model_mean_type, model_var_type=dc.model_var_type,
-        vlb_weight=dc.vlb_weight,
-        min_snr_gamma=dc.min_snr_gamma if dc.min_snr_gamma > 0 else None)
+      diffusion,
+      model_fn,
+      images,
+      t,
+      noise,
+      loss_type=dc.loss_type,
+      model_mean_type=dc.model_mean_type,
+      model_var_type=dc.model_var_type,
+      vlb_weight=dc.vlb_weight,
+      min_snr_gamma=dc.min_snr_gamma if dc.min_snr_gamma > 0 else None,
+    )
     return jnp.mean(losses)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -157,15 +188,23 @@ def train_step(state: TrainState, batch: Dict[str, Array], rng: Array, *,
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   new_state = update_state(state, grads, grad_norm, finite, config.optim)
-  metrics = dict(loss=loss, grad_norm=grad_norm,
-                 learning_rate=learning_rate_schedule(config.optim)(state.step),
-                 finite=finite.astype(jnp.float32))
+  metrics = dict(
+    loss=loss,
+    grad_norm=grad_norm,
+    learning_rate=learning_rate_schedule(config.optim)(state.step),
+    finite=finite.astype(jnp.float32),
+  )
   return new_state, metrics
 
 
-def train_steps(state: TrainState, batches: Dict[str, Array], seed_key: Array, *,
-                diffusion: diffusion_lib.Diffusion,
-                config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, Array]]:
+def train_steps(
+  state: TrainState,
+  batches: dict[str, Array],
+  seed_key: Array,
+  *,
+  diffusion: diffusion_lib.Diffusion,
+  config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, Array]]:
   """K steps in one call, over a stack of K batches.
 
   Step s uses the key fold_in(seed_key, s), so a run's randomness depends
@@ -190,7 +229,8 @@ def train_steps(state: TrainState, batches: Dict[str, Array], seed_key: Array, *
   all_metrics = []
   for i in range(num_steps):
     batch = jax.tree.map(lambda x, i=i: x[i], batches)
-    state, metrics = train_step(state, batch, jax.random.fold_in(seed_key, state.step),
-                                diffusion=diffusion, config=config)
+    state, metrics = train_step(
+      state, batch, jax.random.fold_in(seed_key, state.step), diffusion=diffusion, config=config
+    )
     all_metrics.append(metrics)
   return state, jax.tree.map(lambda *xs: jnp.stack(xs), *all_metrics)

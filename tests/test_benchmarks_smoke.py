@@ -28,8 +28,17 @@ from configs import cifar10, fashion_mnist  # noqa: E402
 from ddpm_jax.models import layers  # noqa: E402
 from ddpm_jax.models.diffusers_import import unet_kwargs_from_diffusers_config  # noqa: E402
 
-ROWS = ('train_step', 'forward', 'flops', 'sampling', 'bpd', 'compile', 'input_pipeline',
-        'scaling', 'steps')
+ROWS = (
+  'train_step',
+  'forward',
+  'flops',
+  'sampling',
+  'bpd',
+  'compile',
+  'input_pipeline',
+  'scaling',
+  'steps',
+)
 QUICK = dict(quick=True, num_timesteps=10)
 
 
@@ -37,8 +46,12 @@ QUICK = dict(quick=True, num_timesteps=10)
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp('bench') / 'quick.json'
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'benchmarks', 'run.py'), '--quick', '--out', str(out)],
-      cwd=ROOT, capture_output=True, text=True, check=False)
+    [sys.executable, os.path.join(ROOT, 'benchmarks', 'run.py'), '--quick', '--out', str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   with open(out) as f:
     return json.load(f), proc.stdout
@@ -112,24 +125,34 @@ def test_diffusers_peer_is_the_same_network(config_module):
   size, channels = config.data.image_size, config.data.num_channels
   kwargs = workloads.diffusers_unet_kwargs(config.model, size, channels, channels)
   back = unet_kwargs_from_diffusers_config(dict(_class_name='UNet2DModel', **kwargs))
-  assert back == dict(ch=config.model.ch, ch_mult=tuple(config.model.ch_mult),
-                      num_res_blocks=config.model.num_res_blocks,
-                      attn_resolutions=tuple(config.model.attn_resolutions),
-                      dropout=config.model.dropout, out_ch=channels, resamp_with_conv=True)
+  assert back == dict(
+    ch=config.model.ch,
+    ch_mult=tuple(config.model.ch_mult),
+    num_res_blocks=config.model.num_res_blocks,
+    attn_resolutions=tuple(config.model.attn_resolutions),
+    dropout=config.model.dropout,
+    out_ch=channels,
+    resamp_with_conv=True,
+  )
 
 
 def test_cifar10_peer_has_the_public_ddpm_layout():
   kwargs = workloads.diffusers_unet_kwargs(cifar10.get_config().model, 32, 3, 3)
   assert kwargs['block_out_channels'] == (128, 256, 256, 256)
-  assert kwargs['down_block_types'] == ('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D',
-                                        'DownBlock2D')
+  assert kwargs['down_block_types'] == (
+    'DownBlock2D',
+    'AttnDownBlock2D',
+    'DownBlock2D',
+    'DownBlock2D',
+  )
   assert kwargs['up_block_types'] == ('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D')
 
 
 def test_time_interleaved_takes_turns_after_warmup():
   calls = []
-  result = common.time_interleaved({'a': lambda: calls.append('a'),
-                                    'b': lambda: calls.append('b')}, repeats=3, warmup=2)
+  result = common.time_interleaved(
+    {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=3, warmup=2
+  )
   assert calls == ['a', 'a', 'b', 'b'] + ['a', 'b'] * 3
   assert result['a']['repeats'] == 3 and len(result['b']['times_s']) == 3
   assert result['a']['median_s'] >= 0
@@ -156,8 +179,9 @@ def test_model_flops_count_the_upsampling_convolution_as_defined():
   batch, channels = 2, 2 * config.model.ch
   forward = workloads.JaxForward(config, batch)
   assert forward.cost['flops'] == forward.flops(layers.FAST)
-  upsample_as_defined = dataclasses.replace(layers.FAST,
-                                            upsample_conv=layers.REFERENCE.upsample_conv)
+  upsample_as_defined = dataclasses.replace(
+    layers.FAST, upsample_conv=layers.REFERENCE.upsample_conv
+  )
   saved = 2 * batch * (22**2 - 4 * 7**2) * channels**2 - 2 * 16 * 9 * channels**2
   assert forward.flops(upsample_as_defined) - forward.cost['flops'] == saved
 
@@ -173,9 +197,10 @@ def test_bfloat16_runs_both_networks_in_bfloat16():
   # The U-Net returns float32; inside, activations are bfloat16 (XLA:CPU
   # widens each convolution's operands, so look for the arrays, not the ops).
   assert 'bf16[2,8,8,32]' in jax_forward.compiled.as_text()
-  assert jax_forward.cost['flops'] > 0   # counted on the lowered program
+  assert jax_forward.cost['flops'] > 0  # counted on the lowered program
   torch_forward = workloads.TorchForward(config, 2)
   import torch  # pylint: disable=g-import-not-at-top
+
   with torch.inference_mode(), torch_forward.autocast():
     assert torch_forward.model(torch_forward.x, torch_forward.t).sample.dtype == torch.bfloat16
-  workloads.TorchTrain(config, 2)()   # the float32 loss over the bf16 output
+  workloads.TorchTrain(config, 2)()  # the float32 loss over the bf16 output

@@ -33,10 +33,16 @@ def test_every_sampler_is_accepted(sampler):
 
 
 def test_bad_choices_name_the_valid_ones_all_at_once():
-  message = _problems(sampling__sampler='euler', sampling__solver_order=4,
-                      model__layers='bogus', sampling__ddim_skip='log')
-  assert "sampling.sampler: Unknown sampler 'euler'; valid choices: ddpm, respaced, ddim, " \
-         'dpm_solver, unipc.' in message
+  message = _problems(
+    sampling__sampler='euler',
+    sampling__solver_order=4,
+    model__layers='bogus',
+    sampling__ddim_skip='log',
+  )
+  assert (
+    "sampling.sampler: Unknown sampler 'euler'; valid choices: ddpm, respaced, ddim, "
+    'dpm_solver, unipc.' in message
+  )
   assert 'sampling.solver_order=4 is not one of: 1, 2, 3.' in message
   assert "model.layers='bogus' is not one of: auto, reference, fast." in message
   assert "sampling.ddim_skip='log' is not one of: uniform, quad." in message

@@ -21,27 +21,47 @@ from torch_peers import import_torchvision
 import_torchvision()  # diffusers imports it when installed.
 from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
 
-from ddpm_jax.models.diffusers_import import (SAFETENSORS_NAME, convert_diffusers_state_dict,
-                                              load_diffusers_unet,
-                                              unet_kwargs_from_diffusers_config)
+from ddpm_jax.models.diffusers_import import (
+  SAFETENSORS_NAME,
+  convert_diffusers_state_dict,
+  load_diffusers_unet,
+  unet_kwargs_from_diffusers_config,
+)
 from ddpm_jax.models.unet import UNet
 
 # The diffusers settings under which UNet2DModel is the original DDPM U-Net.
 DDPM_SETTINGS = dict(
-    norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-    attention_head_dim=None, norm_num_groups=32, act_fn="silu", dropout=0.1)
+  norm_eps=1e-6,
+  flip_sin_to_cos=False,
+  freq_shift=1,
+  downsample_padding=0,
+  attention_head_dim=None,
+  norm_num_groups=32,
+  act_fn='silu',
+  dropout=0.1,
+)
 
 TINY = dict(
-    sample_size=16, in_channels=3, out_channels=6, block_out_channels=(32, 64),
-    layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"), **DDPM_SETTINGS)
+  sample_size=16,
+  in_channels=3,
+  out_channels=6,
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
+  up_block_types=('AttnUpBlock2D', 'UpBlock2D'),
+  **DDPM_SETTINGS,
+)
 
 CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    **DDPM_SETTINGS)
+  sample_size=32,
+  in_channels=3,
+  out_channels=3,
+  block_out_channels=(128, 256, 256, 256),
+  layers_per_block=2,
+  down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'),
+  up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+  **DDPM_SETTINGS,
+)
 
 
 def _random_diffusers_unet(kwargs, seed):
@@ -63,13 +83,13 @@ def _reference(model, x_nhwc, t):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_apply(model):
-  return jax.jit(lambda params, x, t: model.apply({"params": params}, x, t, train=False))
+  return jax.jit(lambda params, x, t: model.apply({'params': params}, x, t, train=False))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
   model = _random_diffusers_unet(TINY, seed=0)
-  path = tmp_path_factory.mktemp("tiny_unet")
+  path = tmp_path_factory.mktemp('tiny_unet')
   model.save_pretrained(path)
   return model, path
 
@@ -77,8 +97,9 @@ def tiny(tmp_path_factory):
 def test_tiny_outputs_match_diffusers(tiny):
   torch_model, path = tiny
   model, params = load_diffusers_unet(path)
-  assert model == UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                       dropout=0.1, out_ch=6)
+  assert model == UNet(
+    ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1, out_ch=6
+  )
   x = np.random.default_rng(0).standard_normal((4, 16, 16, 3)).astype(np.float32)
   t = np.array([0, 1, 500, 999], np.int32)
   ref = _reference(torch_model, x, t)
@@ -94,14 +115,18 @@ def test_outputs_match_at_several_timesteps(tiny):
   x = np.random.default_rng(1).standard_normal((4, 16, 16, 3)).astype(np.float32)
   for step in (3, 123, 640, 998):
     t = np.full((4,), step, np.int32)
-    np.testing.assert_allclose(np.asarray(_jitted_apply(model)(params, x, t)),
-                               _reference(torch_model, x, t), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+      np.asarray(_jitted_apply(model)(params, x, t)),
+      _reference(torch_model, x, t),
+      atol=1e-4,
+      rtol=0,
+    )
 
 
 def test_bin_checkpoint_loads_the_same_weights(tiny, tmp_path):
   torch_model, path = tiny
   torch_model.save_pretrained(tmp_path, safe_serialization=False)
-  assert (tmp_path / "diffusion_pytorch_model.bin").exists()
+  assert (tmp_path / 'diffusion_pytorch_model.bin').exists()
   assert not (tmp_path / SAFETENSORS_NAME).exists()
   _, from_bin = load_diffusers_unet(tmp_path)
   _, from_safetensors = load_diffusers_unet(path)
@@ -111,26 +136,29 @@ def test_bin_checkpoint_loads_the_same_weights(tiny, tmp_path):
 def test_legacy_attention_names_are_accepted(tiny):
   _, path = tiny
   tensors = load_file(str(path / SAFETENSORS_NAME))
-  legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+  legacy = {'to_q': 'query', 'to_k': 'key', 'to_v': 'value', 'to_out.0': 'proj_attn'}
   renamed = {}
   for name, value in tensors.items():
     for new, old in legacy.items():
-      name = name.replace(f".{new}.", f".{old}.")
+      name = name.replace(f'.{new}.', f'.{old}.')
     renamed[name] = value
-  assert any(".proj_attn." in n for n in renamed)
+  assert any('.proj_attn.' in n for n in renamed)
   model, params = load_diffusers_unet(path)
   converted = convert_diffusers_state_dict(renamed, model, (16, 16, 3))
   jax.tree.map(np.testing.assert_array_equal, converted, params)
 
 
 @pytest.mark.parametrize(
-    "edit,match",
-    [
-        (lambda d: d.pop("conv_in.bias"), r"not filled.*conv_in"),
-        (lambda d: d.update({"extra.weight": np.zeros(3, np.float32)}), r"not used.*extra\.weight"),
-        (lambda d: d.update({"conv_out.bias": np.zeros(5, np.float32)}),
-         r"shape mismatches.*conv_out.*\(5,\).*\(6,\)"),
-    ])
+  'edit,match',
+  [
+    (lambda d: d.pop('conv_in.bias'), r'not filled.*conv_in'),
+    (lambda d: d.update({'extra.weight': np.zeros(3, np.float32)}), r'not used.*extra\.weight'),
+    (
+      lambda d: d.update({'conv_out.bias': np.zeros(5, np.float32)}),
+      r'shape mismatches.*conv_out.*\(5,\).*\(6,\)',
+    ),
+  ],
+)
 def test_weight_mismatches_are_reported(tiny, edit, match):
   _, path = tiny
   tensors = dict(load_file(str(path / SAFETENSORS_NAME)))
@@ -151,65 +179,78 @@ def test_cifar10_layout_matches_diffusers(tmp_path):
   t = np.array([10, 900], np.int32)
   ref = _reference(torch_model, x, t)
   assert np.abs(ref).max() > 0.5
-  np.testing.assert_allclose(np.asarray(_jitted_apply(model)(params, x, t)), ref,
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(_jitted_apply(model)(params, x, t)), ref, atol=1e-4, rtol=0)
 
 
 # --- Config validation (no weights needed) -----------------------------------
 
 
 def _config(**overrides):
-  cfg = {"_class_name": "UNet2DModel", "_diffusers_version": "0.42.1",
-         **{k: list(v) if isinstance(v, tuple) else v for k, v in CIFAR10.items()}}
+  cfg = {
+    '_class_name': 'UNet2DModel',
+    '_diffusers_version': '0.42.1',
+    **{k: list(v) if isinstance(v, tuple) else v for k, v in CIFAR10.items()},
+  }
   cfg.update(overrides)
   return cfg
 
 
 def test_cifar10_config_translates_to_the_paper_network():
   kwargs = unet_kwargs_from_diffusers_config(_config())
-  assert kwargs == dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                        attn_resolutions=(16,), dropout=0.1, out_ch=3,
-                        resamp_with_conv=True)
+  assert kwargs == dict(
+    ch=128,
+    ch_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    dropout=0.1,
+    out_ch=3,
+    resamp_with_conv=True,
+  )
 
 
 def test_config_without_attention_head_dim_is_single_head():
   # Configs from before diffusers had the entry hold single-head DDPM weights.
   cfg = _config()
-  del cfg["attention_head_dim"]
-  assert unet_kwargs_from_diffusers_config(cfg)["attn_resolutions"] == (16,)
+  del cfg['attention_head_dim']
+  assert unet_kwargs_from_diffusers_config(cfg)['attn_resolutions'] == (16,)
 
 
 @pytest.mark.parametrize(
-    "overrides,match",
-    [
-        (dict(flip_sin_to_cos=True), "flip_sin_to_cos"),
-        (dict(freq_shift=0), "freq_shift"),
-        (dict(downsample_padding=1), "downsample_padding"),
-        (dict(norm_eps=1e-5), "norm_eps"),
-        (dict(norm_num_groups=16), "norm_num_groups"),
-        (dict(attention_head_dim=8), "attention_head_dim"),
-        (dict(resnet_time_scale_shift="scale_shift"), "resnet_time_scale_shift"),
-        (dict(center_input_sample=True), "center_input_sample"),
-        (dict(time_embedding_type="fourier"), "time_embedding_type"),
-        (dict(act_fn="gelu"), "act_fn"),
-        (dict(class_embed_type="timestep"), "class_embed_type"),
-        (dict(up_block_types=["UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"]),
-         "attention at level 1 only on one path"),
-        (dict(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
-                                "DownBlock2D"]), "CrossAttnDownBlock2D"),
-        (dict(block_out_channels=[128, 192, 256, 256]), "not multiples"),
-        (dict(sample_size=None), "sample_size"),
-        (dict(mystery_option=3), "mystery_option"),
-        (dict(_class_name="UNet2DConditionModel"), "UNet2DConditionModel"),
-    ])
+  'overrides,match',
+  [
+    (dict(flip_sin_to_cos=True), 'flip_sin_to_cos'),
+    (dict(freq_shift=0), 'freq_shift'),
+    (dict(downsample_padding=1), 'downsample_padding'),
+    (dict(norm_eps=1e-5), 'norm_eps'),
+    (dict(norm_num_groups=16), 'norm_num_groups'),
+    (dict(attention_head_dim=8), 'attention_head_dim'),
+    (dict(resnet_time_scale_shift='scale_shift'), 'resnet_time_scale_shift'),
+    (dict(center_input_sample=True), 'center_input_sample'),
+    (dict(time_embedding_type='fourier'), 'time_embedding_type'),
+    (dict(act_fn='gelu'), 'act_fn'),
+    (dict(class_embed_type='timestep'), 'class_embed_type'),
+    (
+      dict(up_block_types=['UpBlock2D', 'UpBlock2D', 'UpBlock2D', 'UpBlock2D']),
+      'attention at level 1 only on one path',
+    ),
+    (
+      dict(down_block_types=['DownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D', 'DownBlock2D']),
+      'CrossAttnDownBlock2D',
+    ),
+    (dict(block_out_channels=[128, 192, 256, 256]), 'not multiples'),
+    (dict(sample_size=None), 'sample_size'),
+    (dict(mystery_option=3), 'mystery_option'),
+    (dict(_class_name='UNet2DConditionModel'), 'UNet2DConditionModel'),
+  ],
+)
 def test_unsupported_config_is_rejected(overrides, match):
   with pytest.raises(ValueError, match=match):
     unet_kwargs_from_diffusers_config(_config(**overrides))
 
 
 def test_missing_files_raise(tmp_path):
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  with pytest.raises(FileNotFoundError, match='config.json'):
     load_diffusers_unet(tmp_path)
-  (tmp_path / "config.json").write_text(json.dumps(_config()))
-  with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+  (tmp_path / 'config.json').write_text(json.dumps(_config()))
+  with pytest.raises(FileNotFoundError, match='diffusion_pytorch_model'):
     load_diffusers_unet(tmp_path)

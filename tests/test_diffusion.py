@@ -8,7 +8,7 @@ parameterizations. Float64 checks run under `jax.enable_x64`.
 """
 
 import functools
-from typing import Iterator, Tuple
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +38,13 @@ def x64() -> Iterator[None]:
     yield
 
 
-def _data(seed: int, dtype=jnp.float32, shape=SHAPE) -> Tuple[jax.Array, jax.Array]:
+def _data(seed: int, dtype=jnp.float32, shape=SHAPE) -> tuple[jax.Array, jax.Array]:
   """x0 uniform in [-1, 1] and standard normal noise, both of `shape`."""
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.uniform(-1.0, 1.0, shape), dtype),
-          jnp.asarray(rng.standard_normal(shape), dtype))
+  return (
+    jnp.asarray(rng.uniform(-1.0, 1.0, shape), dtype),
+    jnp.asarray(rng.standard_normal(shape), dtype),
+  )
 
 
 def _bcast(values: np.ndarray, ndim: int = len(SHAPE)) -> np.ndarray:
@@ -55,9 +57,11 @@ def _d64() -> diffusion.Diffusion:
 
 
 # Compiled once per model_fn: many eager ops cost more compile time than one jit.
-_jit_losses = jax.jit(losses_lib.training_losses, static_argnums=1,
-                      static_argnames=('loss_type', 'model_mean_type', 'model_var_type',
-                                       'vlb_weight', 'min_snr_gamma'))
+_jit_losses = jax.jit(
+  losses_lib.training_losses,
+  static_argnums=1,
+  static_argnames=('loss_type', 'model_mean_type', 'model_var_type', 'vlb_weight', 'min_snr_gamma'),
+)
 
 
 # ---------------------------------------------------------------------------
@@ -91,7 +95,8 @@ def test_q_sample_matches_monte_carlo_of_the_kernel(x64, t):
   chain = np.broadcast_to(x0_values, (n, 2)).copy()
   for k in range(t + 1):
     chain = np.sqrt(1.0 - REF_BETAS[k]) * chain + np.sqrt(REF_BETAS[k]) * rng.standard_normal(
-        chain.shape)
+      chain.shape
+    )
   # q_sample draws from the closed form with its own noise: same distribution.
   x0 = jnp.asarray(np.broadcast_to(x0_values, (n, 2)))
   ts = jnp.full((n,), t)
@@ -107,10 +112,12 @@ def test_q_sample_matches_monte_carlo_of_the_kernel(x64, t):
 def test_q_sample_value(x64):
   d = _d64()
   x0, noise = _data(1, jnp.float64)
-  expected = (_bcast(np.sqrt(REF_AC[T_MIX])) * np.asarray(x0) +
-              _bcast(np.sqrt(1.0 - REF_AC[T_MIX])) * np.asarray(noise))
-  np.testing.assert_allclose(diffusion.q_sample(d, x0, jnp.asarray(T_MIX), noise), expected,
-                             rtol=1e-12, atol=1e-14)
+  expected = _bcast(np.sqrt(REF_AC[T_MIX])) * np.asarray(x0) + _bcast(
+    np.sqrt(1.0 - REF_AC[T_MIX])
+  ) * np.asarray(noise)
+  np.testing.assert_allclose(
+    diffusion.q_sample(d, x0, jnp.asarray(T_MIX), noise), expected, rtol=1e-12, atol=1e-14
+  )
 
 
 def test_q_mean_variance_float32_agrees_with_q_sample_noise_scale():
@@ -125,11 +132,12 @@ def test_q_mean_variance_float32_agrees_with_q_sample_noise_scale():
   _, variance, log_variance = diffusion.q_mean_variance(d, x0, t)
   expected = (1.0 - REF_AC[T_MIX]).astype(np.float32)
   np.testing.assert_allclose(variance[:, 0, 0, 0], expected, rtol=1e-6)
-  np.testing.assert_allclose(log_variance[:, 0, 0, 0], np.log(1.0 - REF_AC[T_MIX]),
-                             rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(variance[:, 0, 0, 0],
-                             np.square(np.asarray(d.sqrt_one_minus_alphas_cumprod)[T_MIX]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    log_variance[:, 0, 0, 0], np.log(1.0 - REF_AC[T_MIX]), rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    variance[:, 0, 0, 0], np.square(np.asarray(d.sqrt_one_minus_alphas_cumprod)[T_MIX]), rtol=1e-6
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -162,8 +170,7 @@ def test_predict_eps_from_x0_inverts_predict_x0_from_eps(x64):
   np.testing.assert_allclose(diffusion.predict_eps_from_x0(d, x_t, t, x0), eps, atol=1e-10)
   # And the other way round.
   eps2 = diffusion.predict_eps_from_x0(d, x_t, t, x_t * 0.5)
-  np.testing.assert_allclose(diffusion.predict_x0_from_eps(d, x_t, t, eps2), x_t * 0.5,
-                             atol=1e-10)
+  np.testing.assert_allclose(diffusion.predict_x0_from_eps(d, x_t, t, eps2), x_t * 0.5, atol=1e-10)
 
 
 def test_v_target_value_and_round_trip(x64):
@@ -171,8 +178,9 @@ def test_v_target_value_and_round_trip(x64):
   x0, noise = _data(6, jnp.float64)
   t = jnp.asarray(T_MIX)
   v = diffusion.v_target(d, x0, t, noise)
-  expected = (_bcast(np.sqrt(REF_AC[T_MIX])) * np.asarray(noise) -
-              _bcast(np.sqrt(1.0 - REF_AC[T_MIX])) * np.asarray(x0))
+  expected = _bcast(np.sqrt(REF_AC[T_MIX])) * np.asarray(noise) - _bcast(
+    np.sqrt(1.0 - REF_AC[T_MIX])
+  ) * np.asarray(x0)
   np.testing.assert_allclose(v, expected, rtol=1e-12, atol=1e-14)
   x_t = diffusion.q_sample(d, x0, t, noise)
   np.testing.assert_allclose(diffusion.predict_x0_from_v(d, x_t, t, v), x0, atol=1e-12)
@@ -210,7 +218,8 @@ def test_posterior_mean_is_paper_eq_11(x64):
   # mu = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps).
   alpha, beta, ac = 1.0 - REF_BETAS[T_MIX], REF_BETAS[T_MIX], REF_AC[T_MIX]
   expected = (np.asarray(x_t) - _bcast(beta / np.sqrt(1.0 - ac)) * np.asarray(eps)) / _bcast(
-      np.sqrt(alpha))
+    np.sqrt(alpha)
+  )
   np.testing.assert_allclose(mean, expected, atol=1e-12)
 
 
@@ -224,8 +233,10 @@ def test_posterior_is_bayes_product_of_gaussians(x64):
   alpha, beta, ac_prev = 1.0 - REF_BETAS[ts], REF_BETAS[ts], REF_AC_PREV[ts]
   precision = 1.0 / (1.0 - ac_prev) + alpha / beta
   post_var = 1.0 / precision
-  post_mean = _bcast(post_var) * (_bcast(np.sqrt(ac_prev) / (1.0 - ac_prev)) * np.asarray(x0) +
-                                  _bcast(np.sqrt(alpha) / beta) * np.asarray(x_t))
+  post_mean = _bcast(post_var) * (
+    _bcast(np.sqrt(ac_prev) / (1.0 - ac_prev)) * np.asarray(x0)
+    + _bcast(np.sqrt(alpha) / beta) * np.asarray(x_t)
+  )
   assert variance.shape == log_variance.shape == (SHAPE[0], 1, 1, 1)
   np.testing.assert_allclose(variance[:, 0, 0, 0], post_var, rtol=1e-11)
   np.testing.assert_allclose(log_variance[:, 0, 0, 0], np.log(post_var), rtol=1e-11)
@@ -261,7 +272,7 @@ def test_score_from_eps_is_the_gaussian_score(x64):
   optimal_eps = np.sqrt(1.0 - a) * centered / var
   score = diffusion.score_from_eps(d, jnp.asarray(optimal_eps), jnp.asarray(T_MIX))
   # The true score by differentiating the log-density.
-  log_density = lambda x: jnp.sum(-0.5 * (x - np.sqrt(a) * mu)**2 / var)
+  log_density = lambda x: jnp.sum(-0.5 * (x - np.sqrt(a) * mu) ** 2 / var)
   true_score = jax.grad(log_density)(x_t)
   np.testing.assert_allclose(score, true_score, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(score, -centered / var, rtol=1e-10, atol=1e-12)
@@ -276,10 +287,10 @@ def test_score_from_eps_is_the_gaussian_score(x64):
 def _consistent_outputs(d, x0, noise, t):
   x_t = diffusion.q_sample(d, x0, t, noise)
   return x_t, {
-      'eps': noise,
-      'x0': x0,
-      'v': diffusion.v_target(d, x0, t, noise),
-      'xprev': diffusion.q_posterior(d, x0, x_t, t)[0],
+    'eps': noise,
+    'x0': x0,
+    'v': diffusion.v_target(d, x0, t, noise),
+    'xprev': diffusion.q_posterior(d, x0, x_t, t)[0],
   }
 
 
@@ -289,8 +300,15 @@ def test_mean_types_agree_for_consistent_outputs_float64(x64, mean_type):
   x0, noise = _data(13, jnp.float64)
   t = jnp.asarray(T_MIX)
   x_t, outputs = _consistent_outputs(d, x0, noise, t)
-  out = diffusion.p_mean_variance(d, outputs[mean_type], x_t, t, model_mean_type=mean_type,
-                                  model_var_type='fixedsmall', clip_denoised=False)
+  out = diffusion.p_mean_variance(
+    d,
+    outputs[mean_type],
+    x_t,
+    t,
+    model_mean_type=mean_type,
+    model_var_type='fixedsmall',
+    clip_denoised=False,
+  )
   np.testing.assert_allclose(out['mean'], outputs['xprev'], atol=1e-12)
   np.testing.assert_allclose(out['pred_x0'], x0, atol=1e-10)
   np.testing.assert_allclose(out['pred_eps'], noise, atol=1e-9)
@@ -304,8 +322,15 @@ def test_mean_types_agree_for_consistent_outputs_float32(mean_type):
   x0, noise = _data(14)
   t = jnp.asarray(T_MODERATE)
   x_t, outputs = _consistent_outputs(d, x0, noise, t)
-  out = diffusion.p_mean_variance(d, outputs[mean_type], x_t, t, model_mean_type=mean_type,
-                                  model_var_type='fixedlarge', clip_denoised=False)
+  out = diffusion.p_mean_variance(
+    d,
+    outputs[mean_type],
+    x_t,
+    t,
+    model_mean_type=mean_type,
+    model_var_type='fixedlarge',
+    clip_denoised=False,
+  )
   np.testing.assert_allclose(out['mean'], outputs['xprev'], atol=1e-5)
   np.testing.assert_allclose(out['pred_x0'], x0, atol=1e-4)
 
@@ -319,9 +344,9 @@ def test_clipping_clamps_pred_x0(x64, mean_type):
   # Outputs whose implied x0 is 3 x0 + 0.5: most of it outside [-1, 1].
   far_x0 = 3.0 * x0 + 0.5
   output = {
-      'eps': diffusion.predict_eps_from_x0(d, x_t, t, far_x0),
-      'x0': far_x0,
-      'v': diffusion.v_target(d, far_x0, t, diffusion.predict_eps_from_x0(d, x_t, t, far_x0)),
+    'eps': diffusion.predict_eps_from_x0(d, x_t, t, far_x0),
+    'x0': far_x0,
+    'v': diffusion.v_target(d, far_x0, t, diffusion.predict_eps_from_x0(d, x_t, t, far_x0)),
   }[mean_type]
   kwargs = dict(model_mean_type=mean_type, model_var_type='fixedlarge')
   unclipped = diffusion.p_mean_variance(d, output, x_t, t, clip_denoised=False, **kwargs)
@@ -331,11 +356,12 @@ def test_clipping_clamps_pred_x0(x64, mean_type):
   np.testing.assert_allclose(clipped['pred_x0'], np.clip(np.asarray(far_x0), -1, 1), atol=1e-9)
   assert np.abs(np.asarray(clipped['pred_x0'])).max() <= 1.0
   # The mean is the posterior mean of the clipped x0.
-  np.testing.assert_allclose(clipped['mean'],
-                             diffusion.q_posterior(d, clipped['pred_x0'], x_t, t)[0], atol=1e-12)
-  np.testing.assert_allclose(clipped['pred_eps'],
-                             diffusion.predict_eps_from_x0(d, x_t, t, clipped['pred_x0']),
-                             atol=1e-9)
+  np.testing.assert_allclose(
+    clipped['mean'], diffusion.q_posterior(d, clipped['pred_x0'], x_t, t)[0], atol=1e-12
+  )
+  np.testing.assert_allclose(
+    clipped['pred_eps'], diffusion.predict_eps_from_x0(d, x_t, t, clipped['pred_x0']), atol=1e-9
+  )
 
 
 def test_clipping_with_xprev_clamps_pred_x0_only(x64):
@@ -343,14 +369,17 @@ def test_clipping_with_xprev_clamps_pred_x0_only(x64):
   x0, x_t = _data(16, jnp.float64)
   t = jnp.asarray(T_MIX)
   xprev = diffusion.q_posterior(d, 3.0 * x0, x_t, t)[0]
-  out = diffusion.p_mean_variance(d, xprev, x_t, t, model_mean_type='xprev',
-                                  model_var_type='fixedlarge', clip_denoised=True)
+  out = diffusion.p_mean_variance(
+    d, xprev, x_t, t, model_mean_type='xprev', model_var_type='fixedlarge', clip_denoised=True
+  )
   np.testing.assert_allclose(out['pred_x0'], np.clip(3.0 * np.asarray(x0), -1, 1), atol=1e-9)
   np.testing.assert_array_equal(out['mean'], xprev)
 
 
-@pytest.mark.parametrize('var_type,table', [('fixedlarge', 'fixedlarge_log_variance'),
-                                            ('fixedsmall', 'posterior_log_variance_clipped')])
+@pytest.mark.parametrize(
+  'var_type,table',
+  [('fixedlarge', 'fixedlarge_log_variance'), ('fixedsmall', 'posterior_log_variance_clipped')],
+)
 def test_fixed_variances_equal_the_tables(x64, var_type, table):
   d = _d64()
   x0, x_t = _data(17, jnp.float64)
@@ -381,9 +410,15 @@ def test_learned_variance_is_exp_of_output(x64):
   x0, x_t = _data(19, jnp.float64)
   log_var = jnp.asarray(np.random.default_rng(19).uniform(-8, 0, SHAPE))
   t = jnp.asarray(T_MIX)
-  out = diffusion.p_mean_variance(d, jnp.concatenate([x0, log_var], -1), x_t, t,
-                                  model_mean_type='x0', model_var_type='learned',
-                                  clip_denoised=False)
+  out = diffusion.p_mean_variance(
+    d,
+    jnp.concatenate([x0, log_var], -1),
+    x_t,
+    t,
+    model_mean_type='x0',
+    model_var_type='learned',
+    clip_denoised=False,
+  )
   np.testing.assert_array_equal(out['log_variance'], log_var)
   np.testing.assert_allclose(out['variance'], np.exp(np.asarray(log_var)), rtol=1e-14)
   # The first C channels are the mean part.
@@ -396,8 +431,9 @@ def test_learned_range_interpolates_fixed_log_variances(x64, value):
   x0, x_t = _data(20, jnp.float64)
   t = jnp.asarray(T_MIX)
   output = jnp.concatenate([x0, jnp.full(SHAPE, value)], -1)
-  out = diffusion.p_mean_variance(d, output, x_t, t, model_mean_type='x0',
-                                  model_var_type='learned_range')
+  out = diffusion.p_mean_variance(
+    d, output, x_t, t, model_mean_type='x0', model_var_type='learned_range'
+  )
   small = _bcast(np.asarray(d.posterior_log_variance_clipped)[T_MIX])
   large = _bcast(np.log(REF_BETAS[T_MIX]))
   frac = (value + 1.0) / 2.0
@@ -428,15 +464,17 @@ def test_p_sample_adds_scaled_noise_except_at_t0(var_type):
 
 def _perfect_model(d, x0, noise, mean_type):
   """A model_fn that returns the exact target of `mean_type` for (x0, noise)."""
+
   def model_fn(x_t, t_model):
     del t_model
     t = jnp.asarray(T_MIX)  # Unspaced process: the model's t is the step itself.
     return {
-        'eps': noise,
-        'x0': x0,
-        'v': diffusion.v_target(d, x0, t, noise),
-        'xprev': diffusion.q_posterior(d, x0, x_t, t)[0],
+      'eps': noise,
+      'x0': x0,
+      'v': diffusion.v_target(d, x0, t, noise),
+      'xprev': diffusion.q_posterior(d, x0, x_t, t)[0],
     }[mean_type]
+
   return model_fn
 
 
@@ -444,8 +482,14 @@ def _perfect_model(d, x0, noise, mean_type):
 def test_mse_of_perfect_model_is_zero(mean_type):
   d = diffusion.make_diffusion()
   x0, noise = _data(23)
-  losses = losses_lib.training_losses(d, _perfect_model(d, x0, noise, mean_type), x0,
-                                     jnp.asarray(T_MIX), noise, model_mean_type=mean_type)
+  losses = losses_lib.training_losses(
+    d,
+    _perfect_model(d, x0, noise, mean_type),
+    x0,
+    jnp.asarray(T_MIX),
+    noise,
+    model_mean_type=mean_type,
+  )
   assert losses.shape == (SHAPE[0],)
   assert losses.dtype == jnp.float32
   np.testing.assert_allclose(losses, 0.0, atol=1e-12)
@@ -454,8 +498,9 @@ def test_mse_of_perfect_model_is_zero(mean_type):
 def test_mse_of_zero_model_is_mean_squared_noise():
   d = diffusion.make_diffusion()
   x0, noise = _data(24)
-  losses = losses_lib.training_losses(d, lambda x, t: jnp.zeros_like(x), x0, jnp.asarray(T_MIX),
-                                     noise)
+  losses = losses_lib.training_losses(
+    d, lambda x, t: jnp.zeros_like(x), x0, jnp.asarray(T_MIX), noise
+  )
   expected = np.mean(np.square(np.asarray(noise)), axis=(1, 2, 3))
   np.testing.assert_allclose(losses, expected, rtol=1e-6)
 
@@ -473,17 +518,30 @@ def _ref_decoder_loglik(x: np.ndarray, mean: np.ndarray, log_scale: np.ndarray) 
   inv = np.exp(-log_scale)
   cdf_plus = approx_cdf(inv * (x - mean + 1 / 255))
   cdf_min = approx_cdf(inv * (x - mean - 1 / 255))
-  return np.where(x < -0.999, np.log(np.maximum(cdf_plus, 1e-12)),
-                  np.where(x > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)),
-                           np.log(np.maximum(cdf_plus - cdf_min, 1e-12))))
+  return np.where(
+    x < -0.999,
+    np.log(np.maximum(cdf_plus, 1e-12)),
+    np.where(
+      x > 0.999,
+      np.log(np.maximum(1 - cdf_min, 1e-12)),
+      np.log(np.maximum(cdf_plus - cdf_min, 1e-12)),
+    ),
+  )
 
 
 def test_kl_loss_of_perfect_model_is_zero_for_t_positive(x64):
   d = _d64()
   x0 = jnp.asarray(_grid_x0(25))
   _, noise = _data(25, jnp.float64)
-  losses = _jit_losses(d, _perfect_model(d, x0, noise, 'eps'), x0, jnp.asarray(T_MIX), noise,
-                       loss_type='kl', model_var_type='fixedsmall')
+  losses = _jit_losses(
+    d,
+    _perfect_model(d, x0, noise, 'eps'),
+    x0,
+    jnp.asarray(T_MIX),
+    noise,
+    loss_type='kl',
+    model_var_type='fixedsmall',
+  )
   assert losses.shape == (SHAPE[0],)
   np.testing.assert_allclose(losses[1:], 0.0, atol=1e-12)
   # At t = 0 the term is the decoder NLL in bits/dim: the model mean is x0
@@ -498,8 +556,15 @@ def test_kl_loss_of_perfect_model_float32():
   d = diffusion.make_diffusion()
   x0 = jnp.asarray(_grid_x0(26), jnp.float32)
   _, noise = _data(26)
-  losses = _jit_losses(d, _perfect_model(d, x0, noise, 'eps'), x0, jnp.asarray(T_MIX), noise,
-                       loss_type='kl', model_var_type='fixedsmall')
+  losses = _jit_losses(
+    d,
+    _perfect_model(d, x0, noise, 'eps'),
+    x0,
+    jnp.asarray(T_MIX),
+    noise,
+    loss_type='kl',
+    model_var_type='fixedsmall',
+  )
   np.testing.assert_allclose(losses[1:], 0.0, atol=1e-4)
   assert losses[0] > 0.5  # The decoder NLL, about 1 bit/dim at this scale.
 
@@ -508,8 +573,9 @@ def test_kl_loss_of_wrong_model_is_positive_kl():
   d = diffusion.make_diffusion()
   x0, noise = _data(27)
   t = jnp.asarray(T_MIX)
-  losses = losses_lib.training_losses(d, lambda x, tt: jnp.zeros_like(x), x0, t, noise,
-                                     loss_type='kl', model_var_type='fixedlarge')
+  losses = losses_lib.training_losses(
+    d, lambda x, tt: jnp.zeros_like(x), x0, t, noise, loss_type='kl', model_var_type='fixedlarge'
+  )
   x_t = diffusion.q_sample(d, x0, t, noise)
   true_mean, _, true_logvar = diffusion.q_posterior(d, x0, x_t, t)
   out = diffusion.p_mean_variance(d, jnp.zeros_like(x0), x_t, t, clip_denoised=False)
@@ -523,9 +589,10 @@ def test_kl_loss_of_wrong_model_is_positive_kl():
 def test_hybrid_needs_learned_variance(var_type):
   d = diffusion.make_diffusion()
   x0, noise = _data(28)
-  with pytest.raises(ValueError, match="hybrid.*learned"):
-    losses_lib.training_losses(d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise,
-                              loss_type='hybrid', model_var_type=var_type)
+  with pytest.raises(ValueError, match='hybrid.*learned'):
+    losses_lib.training_losses(
+      d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise, loss_type='hybrid', model_var_type=var_type
+    )
 
 
 @pytest.mark.parametrize('var_type', ['learned', 'learned_range'])
@@ -535,15 +602,17 @@ def test_hybrid_gradient_reaches_mean_only_through_mse(x64, var_type):
   _, noise = _data(29, jnp.float64)
   rng = np.random.default_rng(30)
   mean_part = np.asarray(noise) + 0.3 * rng.standard_normal(SHAPE)
-  var_part = rng.uniform(-0.9, 0.9, SHAPE) if var_type == 'learned_range' else rng.uniform(
-      -9.0, -3.0, SHAPE)
+  var_part = (
+    rng.uniform(-0.9, 0.9, SHAPE) if var_type == 'learned_range' else rng.uniform(-9.0, -3.0, SHAPE)
+  )
   params = jnp.asarray(np.concatenate([mean_part, var_part], -1))
   t = jnp.asarray(np.array([0, 3, 250, 500, 999], dtype=np.int32))
   c = SHAPE[-1]
 
   def losses(p, loss_type):
-    return losses_lib.training_losses(d, lambda x, tt: p, x0, t, noise, loss_type=loss_type,
-                                     model_var_type=var_type)
+    return losses_lib.training_losses(
+      d, lambda x, tt: p, x0, t, noise, loss_type=loss_type, model_var_type=var_type
+    )
 
   @functools.partial(jax.jit, static_argnums=1)
   def value_and_grad(p, loss_type):
@@ -572,14 +641,17 @@ def test_min_snr_gamma_weighting(x64, mean_type):
   t = jnp.asarray(np.array([0, 50, 200, 400, 999], dtype=np.int32))
   zero_model = lambda x, tt: jnp.zeros_like(x)
   plain = losses_lib.training_losses(d, zero_model, x0, t, noise, model_mean_type=mean_type)
-  weighted = losses_lib.training_losses(d, zero_model, x0, t, noise, model_mean_type=mean_type,
-                                       min_snr_gamma=5.0)
+  weighted = losses_lib.training_losses(
+    d, zero_model, x0, t, noise, model_mean_type=mean_type, min_snr_gamma=5.0
+  )
   ac = REF_AC[np.asarray(t)]
   snr = ac / (1 - ac)
   assert snr.max() > 5.0 > snr.min()  # Both sides of the clip are exercised.
-  weight = {'eps': np.minimum(snr, 5.0) / snr,
-            'x0': np.minimum(snr, 5.0),
-            'v': np.minimum(snr, 5.0) / (snr + 1)}[mean_type]
+  weight = {
+    'eps': np.minimum(snr, 5.0) / snr,
+    'x0': np.minimum(snr, 5.0),
+    'v': np.minimum(snr, 5.0) / (snr + 1),
+  }[mean_type]
   np.testing.assert_allclose(weighted, np.asarray(plain) * weight, rtol=1e-10)
 
 
@@ -587,8 +659,9 @@ def test_min_snr_gamma_rejects_xprev():
   d = diffusion.make_diffusion()
   x0, noise = _data(32)
   with pytest.raises(ValueError, match='min-SNR'):
-    losses_lib.training_losses(d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise,
-                              model_mean_type='xprev', min_snr_gamma=5.0)
+    losses_lib.training_losses(
+      d, lambda x, t: x, x0, jnp.asarray(T_MIX), noise, model_mean_type='xprev', min_snr_gamma=5.0
+    )
 
 
 def test_model_fn_receives_mapped_timesteps():
@@ -607,8 +680,11 @@ def test_model_fn_receives_mapped_timesteps():
   np.testing.assert_array_equal(seen[0], [0, 111, 333, 555, 999])
   # The respaced process noises with the kept timesteps' alphas_cumprod.
   full = diffusion.make_diffusion()
-  np.testing.assert_allclose(diffusion.q_sample(d, x0, t, noise),
-                             diffusion.q_sample(full, x0, jnp.asarray(seen[0]), noise), atol=1e-6)
+  np.testing.assert_allclose(
+    diffusion.q_sample(d, x0, t, noise),
+    diffusion.q_sample(full, x0, jnp.asarray(seen[0]), noise),
+    atol=1e-6,
+  )
 
 
 @pytest.mark.parametrize('loss_type', losses_lib.LOSS_TYPES)
@@ -617,8 +693,14 @@ def test_losses_shape_and_finite(loss_type):
   x0 = jnp.asarray(_grid_x0(34), jnp.float32)
   _, noise = _data(34)
   losses = losses_lib.training_losses(
-      d, lambda x, t: jnp.concatenate([0.1 * x, jnp.zeros_like(x)], -1), x0,
-      jnp.asarray(T_MIX), noise, loss_type=loss_type, model_var_type='learned_range')
+    d,
+    lambda x, t: jnp.concatenate([0.1 * x, jnp.zeros_like(x)], -1),
+    x0,
+    jnp.asarray(T_MIX),
+    noise,
+    loss_type=loss_type,
+    model_var_type='learned_range',
+  )
   assert losses.shape == (SHAPE[0],)
   assert np.all(np.isfinite(np.asarray(losses)))
 
@@ -631,17 +713,27 @@ def test_functions_under_jit_match_eager():
   d = diffusion.make_diffusion()
   x0, noise = _data(35)
   t = jnp.asarray(T_MIX)
-  np.testing.assert_allclose(jax.jit(diffusion.q_sample)(d, x0, t, noise),
-                             diffusion.q_sample(d, x0, t, noise), rtol=1e-6, atol=1e-7)
-  sample = functools.partial(diffusion.p_sample, model_mean_type='eps',
-                             model_var_type='fixedlarge', clip_denoised=True)
-  np.testing.assert_allclose(jax.jit(sample)(d, noise, x0, t, noise),
-                             sample(d, noise, x0, t, noise), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(diffusion.q_sample)(d, x0, t, noise),
+    diffusion.q_sample(d, x0, t, noise),
+    rtol=1e-6,
+    atol=1e-7,
+  )
+  sample = functools.partial(
+    diffusion.p_sample, model_mean_type='eps', model_var_type='fixedlarge', clip_denoised=True
+  )
+  np.testing.assert_allclose(
+    jax.jit(sample)(d, noise, x0, t, noise), sample(d, noise, x0, t, noise), rtol=1e-6, atol=1e-6
+  )
   model_fn = lambda x, tt: jnp.concatenate([0.5 * x, jnp.zeros_like(x)], -1)
-  loss = functools.partial(losses_lib.training_losses, loss_type='hybrid',
-                           model_var_type='learned_range')
-  np.testing.assert_allclose(jax.jit(loss, static_argnums=1)(d, model_fn, x0, t, noise),
-                             loss(d, model_fn, x0, t, noise), rtol=1e-5)
+  loss = functools.partial(
+    losses_lib.training_losses, loss_type='hybrid', model_var_type='learned_range'
+  )
+  np.testing.assert_allclose(
+    jax.jit(loss, static_argnums=1)(d, model_fn, x0, t, noise),
+    loss(d, model_fn, x0, t, noise),
+    rtol=1e-5,
+  )
 
 
 def test_vmap_of_q_sample_over_a_leading_axis():
@@ -653,8 +745,9 @@ def test_vmap_of_q_sample_over_a_leading_axis():
   batched = jax.vmap(functools.partial(diffusion.q_sample, d))(x0, t, noise)
   assert batched.shape == (3,) + SHAPE
   for i in range(3):
-    np.testing.assert_allclose(batched[i], diffusion.q_sample(d, x0[i], t[i], noise[i]),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      batched[i], diffusion.q_sample(d, x0[i], t[i], noise[i]), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_float64_mode_outputs_float64(x64):
@@ -663,15 +756,31 @@ def test_float64_mode_outputs_float64(x64):
   _, noise = _data(37, jnp.float64)
   t = jnp.asarray(T_MIX)
   x_t = diffusion.q_sample(d, x0, t, noise)
-  outputs = [x_t, *diffusion.q_mean_variance(d, x0, t), *diffusion.q_posterior(d, x0, x_t, t),
-             diffusion.predict_x0_from_eps(d, x_t, t, noise), diffusion.score_from_eps(d, noise, t),
-             diffusion.p_sample(d, noise, x_t, t, noise)]
+  outputs = [
+    x_t,
+    *diffusion.q_mean_variance(d, x0, t),
+    *diffusion.q_posterior(d, x0, x_t, t),
+    diffusion.predict_x0_from_eps(d, x_t, t, noise),
+    diffusion.score_from_eps(d, noise, t),
+    diffusion.p_sample(d, noise, x_t, t, noise),
+  ]
   outputs += list(diffusion.p_mean_variance(d, noise, x_t, t).values())
   for loss_type in losses_lib.LOSS_TYPES:
-    outputs.append(jax.jit(losses_lib.training_losses, static_argnums=1, static_argnames=(
-        'loss_type', 'model_var_type'))(d, lambda x, tt: jnp.concatenate([x, x], -1), x0, t,
-                                         noise, loss_type=loss_type,
-                                         model_var_type='learned_range'))
+    outputs.append(
+      jax.jit(
+        losses_lib.training_losses,
+        static_argnums=1,
+        static_argnames=('loss_type', 'model_var_type'),
+      )(
+        d,
+        lambda x, tt: jnp.concatenate([x, x], -1),
+        x0,
+        t,
+        noise,
+        loss_type=loss_type,
+        model_var_type='learned_range',
+      )
+    )
   for i, out in enumerate(outputs):
     assert out.dtype == jnp.float64, i
 
@@ -703,9 +812,11 @@ def test_mismatched_shapes_are_rejected():
     diffusion.p_sample(d, x0, x0, t, noise[:4])
 
 
-@pytest.mark.parametrize('bad_t', [np.zeros((4,), np.int32), np.zeros((6,), np.int32),
-                                   np.zeros((5, 1), np.int32), np.int32(3)],
-                         ids=['short', 'long', 'column', 'scalar'])
+@pytest.mark.parametrize(
+  'bad_t',
+  [np.zeros((4,), np.int32), np.zeros((6,), np.int32), np.zeros((5, 1), np.int32), np.int32(3)],
+  ids=['short', 'long', 'column', 'scalar'],
+)
 def test_wrong_t_shape_is_rejected(bad_t):
   d = diffusion.make_diffusion()
   x0, noise = _data(40)
@@ -747,15 +858,18 @@ def test_non_integer_t_is_rejected():
     diffusion.q_sample(d, x0, jnp.asarray(T_MIX, jnp.float32), noise)
 
 
-@pytest.mark.parametrize('kwarg,choices', [('model_mean_type', diffusion.MODEL_MEAN_TYPES),
-                                           ('model_var_type', diffusion.MODEL_VAR_TYPES)])
+@pytest.mark.parametrize(
+  'kwarg,choices',
+  [('model_mean_type', diffusion.MODEL_MEAN_TYPES), ('model_var_type', diffusion.MODEL_VAR_TYPES)],
+)
 def test_unknown_mean_or_var_type_lists_valid_choices(kwarg, choices):
   d = diffusion.make_diffusion()
   x0, x_t = _data(44)
   t = jnp.asarray(T_MIX)
-  for fn in (lambda: diffusion.p_mean_variance(d, x0, x_t, t, **{kwarg: 'epsilon'}),
-             lambda: losses_lib.training_losses(d, lambda x, tt: x, x0, t, x_t,
-                                               **{kwarg: 'epsilon'})):
+  for fn in (
+    lambda: diffusion.p_mean_variance(d, x0, x_t, t, **{kwarg: 'epsilon'}),
+    lambda: losses_lib.training_losses(d, lambda x, tt: x, x0, t, x_t, **{kwarg: 'epsilon'}),
+  ):
     with pytest.raises(ValueError) as err:
       fn()
     message = str(err.value)
@@ -781,8 +895,9 @@ def test_learned_variance_needs_2c_channels(var_type, channels):
   with pytest.raises(ValueError, match=r'2\*C'):
     diffusion.p_mean_variance(d, output, x_t, jnp.asarray(T_MIX), model_var_type=var_type)
   with pytest.raises(ValueError, match=r'2\*C'):
-    losses_lib.training_losses(d, lambda x, t: output, x0, jnp.asarray(T_MIX), x_t,
-                              model_var_type=var_type)
+    losses_lib.training_losses(
+      d, lambda x, t: output, x0, jnp.asarray(T_MIX), x_t, model_var_type=var_type
+    )
 
 
 @pytest.mark.parametrize('var_type', ['fixedlarge', 'fixedsmall'])
@@ -793,5 +908,6 @@ def test_fixed_variance_rejects_2c_channels(var_type):
   with pytest.raises(ValueError, match='input shape'):
     diffusion.p_mean_variance(d, output, x_t, jnp.asarray(T_MIX), model_var_type=var_type)
   with pytest.raises(ValueError, match='input shape'):
-    losses_lib.training_losses(d, lambda x, t: output, x0, jnp.asarray(T_MIX), x_t,
-                              model_var_type=var_type)
+    losses_lib.training_losses(
+      d, lambda x, t: output, x0, jnp.asarray(T_MIX), x_t, model_var_type=var_type
+    )

@@ -16,21 +16,21 @@ PACKAGE = 'ddpm_jax'
 
 # Lower rank first. A module may import any module of a lower rank.
 RANKS = [
-    # Leaves: no project imports beyond each other's rank.
-    {'errors', 'files', 'streams', 'images', 'sharding', 'platform', 'schedules'},
-    {'diffusion'},
-    {'likelihood'},
-    {'losses'},
-    {'sampling'},
-    # Networks, their kernels, data and metrics know nothing of diffusion.
-    {'kernels'},
-    {'models'},
-    {'datasets'},
-    {'input_pipeline', 'metrics'},
-    {'train_state', 'config_validation'},
-    {'checkpointing'},
-    {'inference'},
-    {'train', 'sample', 'evaluate'},
+  # Leaves: no project imports beyond each other's rank.
+  {'errors', 'files', 'streams', 'images', 'sharding', 'platform', 'schedules'},
+  {'diffusion'},
+  {'likelihood'},
+  {'losses'},
+  {'sampling'},
+  # Networks, their kernels, data and metrics know nothing of diffusion.
+  {'kernels'},
+  {'models'},
+  {'datasets'},
+  {'input_pipeline', 'metrics'},
+  {'train_state', 'config_validation'},
+  {'checkpointing'},
+  {'inference'},
+  {'train', 'sample', 'evaluate'},
 ]
 # Independent of everything above the leaves, whatever their rank.
 INDEPENDENT = {'kernels', 'models', 'datasets', 'input_pipeline', 'metrics'}
@@ -62,7 +62,7 @@ def _project_imports(path, module):
       base = node.module or ''
       if node.level:
         parts = package.split('.')
-        base = '.'.join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+        base = '.'.join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
       if base == PACKAGE or base.startswith(PACKAGE + '.'):
         # `from a.b import c` imports the module a.b.c where there is one, else a.b.
         for alias in node.names:
@@ -82,7 +82,7 @@ def _modules():
       if name.endswith('.py'):
         path = os.path.join(directory, name)
         rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, '.')
-        yield path, rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
+        yield path, rel[: -len('.__init__')] if rel.endswith('.__init__') else rel
 
 
 MODULES = sorted(_modules(), key=lambda item: item[1])
@@ -98,16 +98,18 @@ def test_imports_point_down(path, module):
     other = _unit(imported)
     if other == unit:
       continue  # Within a subpackage: checked for cycles below.
-    allowed = (_rank(other) < _rank(unit) and
-               (unit not in INDEPENDENT or other in LEAVES or other in INDEPENDENT))
+    allowed = _rank(other) < _rank(unit) and (
+      unit not in INDEPENDENT or other in LEAVES or other in INDEPENDENT
+    )
     if not allowed:
       upward.append(imported)
   assert not upward, f'{module} imports {upward}, which are not below it.'
 
 
 def test_no_import_cycles():
-  graph = {module: {m for m in _project_imports(path, module) if m != module}
-           for path, module in MODULES}
+  graph = {
+    module: {m for m in _project_imports(path, module) if m != module} for path, module in MODULES
+  }
   visiting, done = set(), set()
 
   def visit(module, trail):

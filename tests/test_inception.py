@@ -38,23 +38,24 @@ NUM_PARAMS = 23_850_960
 def _random_state_dict(gen):
   """Random weights with O(1) activations, in pytorch-fid's key layout."""
   skeleton = torchvision.models.inception_v3(
-      num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    num_classes=1008, aux_logits=False, weights=None, init_weights=False
+  )
   state = {}
   for key, value in skeleton.state_dict().items():
-    if key.endswith("num_batches_tracked"):
+    if key.endswith('num_batches_tracked'):
       state[key] = value
-    elif key.endswith("conv.weight"):  # He init keeps ReLU activations O(1)
+    elif key.endswith('conv.weight'):  # He init keeps ReLU activations O(1)
       fan_in = value[0].numel()
-      state[key] = torch.randn(value.shape, generator=gen) * (2 / fan_in)**0.5
-    elif key.endswith("bn.weight"):
+      state[key] = torch.randn(value.shape, generator=gen) * (2 / fan_in) ** 0.5
+    elif key.endswith('bn.weight'):
       state[key] = 0.5 + torch.rand(value.shape, generator=gen)
-    elif key.endswith(("bn.bias", "running_mean")):
+    elif key.endswith(('bn.bias', 'running_mean')):
       state[key] = 0.2 * torch.randn(value.shape, generator=gen)
-    elif key.endswith("running_var"):
+    elif key.endswith('running_var'):
       state[key] = 0.5 + torch.rand(value.shape, generator=gen)
-    elif key == "fc.weight":
+    elif key == 'fc.weight':
       state[key] = torch.randn(value.shape, generator=gen) / 2048**0.5
-    elif key == "fc.bias":
+    elif key == 'fc.bias':
       state[key] = 0.1 * torch.randn(value.shape, generator=gen)
     else:
       raise KeyError(key)
@@ -63,19 +64,19 @@ def _random_state_dict(gen):
 
 def _pytorch_fid_models(state):
   """pytorch-fid's pool3 model and its full FID Inception, from `state`."""
-  with mock.patch.object(pfid, "load_state_dict_from_url",
-                         lambda *args, **kwargs: state):
-    return (pfid.InceptionV3([pfid.InceptionV3.DEFAULT_BLOCK_INDEX]).eval(),
-            pfid.fid_inception_v3().eval())
+  with mock.patch.object(pfid, 'load_state_dict_from_url', lambda *args, **kwargs: state):
+    return (
+      pfid.InceptionV3([pfid.InceptionV3.DEFAULT_BLOCK_INDEX]).eval(),
+      pfid.fid_inception_v3().eval(),
+    )
 
 
 def _torch_preprocess(images):
   x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-  return F.interpolate(x, size=(299, 299), mode="bilinear",
-                       align_corners=False) * 2 - 1
+  return F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) * 2 - 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def ref():
   gen = torch.Generator().manual_seed(0)
   state = _random_state_dict(gen)
@@ -91,11 +92,11 @@ def ref():
   full.train()
   with torch.no_grad():
     full(_torch_preprocess(calib))
-  state = {k: v + 0.1 if k.endswith("running_var") else v.clone()
-           for k, v in full.state_dict().items()}
+  state = {
+    k: v + 0.1 if k.endswith('running_var') else v.clone() for k, v in full.state_dict().items()
+  }
   pool3_model, full = _pytorch_fid_models(state)
-  images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3),
-                                             np.uint8)
+  images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), np.uint8)
   with torch.no_grad():
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     # pytorch-fid's own pipeline: [0, 1] input, resize and scaling inside.
@@ -107,39 +108,43 @@ def ref():
   return dict(state=state, images=images, pool3=pool3, logits=logits)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def flax_outputs(ref):
-  variables = inception.state_dict_to_variables(ref["state"])
+  variables = inception.state_dict_to_variables(ref['state'])
   # Padding of a ragged last batch is tested with the domain classifier.
   extractor = inception.InceptionFeatureExtractor(variables, batch_size=2)
-  return extractor(ref["images"])
+  return extractor(ref['images'])
 
 
 def test_parameter_count_matches_torchvision():
   shapes = jax.eval_shape(
-      inception.FIDInceptionV3().init, jax.random.key(0),
-      jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))
-  count = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes["params"]))
+    inception.FIDInceptionV3().init,
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32),
+  )
+  count = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes['params']))
   skeleton = torchvision.models.inception_v3(
-      num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    num_classes=1008, aux_logits=False, weights=None, init_weights=False
+  )
   assert count == sum(p.numel() for p in skeleton.parameters()) == NUM_PARAMS
-  stats = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes["batch_stats"]))
-  assert stats == sum(b.numel() for n, b in skeleton.named_buffers()
-                      if n.endswith(("running_mean", "running_var")))
+  stats = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes['batch_stats']))
+  assert stats == sum(
+    b.numel() for n, b in skeleton.named_buffers() if n.endswith(('running_mean', 'running_var'))
+  )
 
 
 def test_pool3_matches_pytorch_fid(ref, flax_outputs):
   pool3, _ = flax_outputs
   assert pool3.shape == (2, 2048)
-  assert np.abs(ref["pool3"]).max() > 1.0  # a test at a meaningful scale
-  np.testing.assert_allclose(pool3, ref["pool3"], rtol=0, atol=1e-4)
+  assert np.abs(ref['pool3']).max() > 1.0  # a test at a meaningful scale
+  np.testing.assert_allclose(pool3, ref['pool3'], rtol=0, atol=1e-4)
 
 
 def test_logits_match_pytorch_fid(ref, flax_outputs):
   _, logits = flax_outputs
   assert logits.shape == (2, 1008)
-  assert np.abs(ref["logits"]).max() > 1.0
-  np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=1e-4)
+  assert np.abs(ref['logits']).max() > 1.0
+  np.testing.assert_allclose(logits, ref['logits'], rtol=0, atol=1e-4)
 
 
 def test_fid_quirks_change_the_features(ref):
@@ -147,15 +152,16 @@ def test_fid_quirks_change_the_features(ref):
   # average pool in the last block) with the same weights give clearly
   # different features: the comparison above would see a missing quirk.
   stock = torchvision.models.inception_v3(
-      num_classes=1008, aux_logits=False, weights=None, init_weights=False)
-  stock.load_state_dict(ref["state"])
+    num_classes=1008, aux_logits=False, weights=None, init_weights=False
+  )
+  stock.load_state_dict(ref['state'])
   stock.fc = torch.nn.Identity()
   with torch.no_grad():
-    feats = stock.eval()(_torch_preprocess(ref["images"])).numpy()
-  assert np.abs(feats - ref["pool3"]).max() > 1e-2
+    feats = stock.eval()(_torch_preprocess(ref['images'])).numpy()
+  assert np.abs(feats - ref['pool3']).max() > 1e-2
 
 
-@pytest.mark.parametrize("size", [(32, 32), (28, 45), (320, 301)])
+@pytest.mark.parametrize('size', [(32, 32), (28, 45), (320, 301)])
 def test_resize_matches_pytorch_interpolate(size):
   images = np.random.default_rng(2).integers(0, 256, (2, *size, 3), np.uint8)
   got = np.asarray(inception.preprocess_images(jnp.asarray(images)))
@@ -171,16 +177,15 @@ def test_grayscale_is_repeated_to_rgb():
 
 
 def test_load_weights_from_pth_and_npz(ref, tmp_path):
-  pth = tmp_path / "weights.pth"
-  torch.save(ref["state"], pth)
-  want = inception.state_dict_to_variables(ref["state"])
+  pth = tmp_path / 'weights.pth'
+  torch.save(ref['state'], pth)
+  want = inception.state_dict_to_variables(ref['state'])
   from_pth = inception.load_pytorch_fid_weights(pth)
-  npz = tmp_path / "weights.npz"
+  npz = tmp_path / 'weights.npz'
   inception.convert_pytorch_fid_weights(pth, npz)
   from_npz = inception.load_pytorch_fid_weights(npz)
   assert jax.tree.structure(from_pth) == jax.tree.structure(want)
-  for a, b, c in zip(jax.tree.leaves(want), jax.tree.leaves(from_pth),
-                     jax.tree.leaves(from_npz)):
+  for a, b, c in zip(jax.tree.leaves(want), jax.tree.leaves(from_pth), jax.tree.leaves(from_npz)):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
 
@@ -189,45 +194,46 @@ def test_sha256_prefix_in_file_name_is_checked(tmp_path):
   # torch.hub-style names end in the file's SHA-256 prefix. A small file
   # keeps this cheap: with the right prefix, loading gets past the check and
   # fails later, on the contents.
-  small = tmp_path / "small.pth"
-  torch.save({"fc.bias": torch.zeros(1008)}, small)
+  small = tmp_path / 'small.pth'
+  torch.save({'fc.bias': torch.zeros(1008)}, small)
   digest = hashlib.sha256(small.read_bytes()).hexdigest()
-  good = tmp_path / f"pt_inception-{digest[:8]}.pth"
+  good = tmp_path / f'pt_inception-{digest[:8]}.pth'
   good.write_bytes(small.read_bytes())
-  with pytest.raises(ValueError, match="does not match FIDInceptionV3"):
+  with pytest.raises(ValueError, match='does not match FIDInceptionV3'):
     inception.load_pytorch_fid_weights(good)
-  bad = tmp_path / "pt_inception-2015-12-05-00000000.pth"
+  bad = tmp_path / 'pt_inception-2015-12-05-00000000.pth'
   bad.write_bytes(small.read_bytes())
-  with pytest.raises(ValueError, match="SHA-256"):
+  with pytest.raises(ValueError, match='SHA-256'):
     inception.load_pytorch_fid_weights(bad)
 
 
 def test_missing_weights_file_names_path_and_source(tmp_path):
-  path = tmp_path / "nowhere" / inception.FID_WEIGHTS_FILENAME
+  path = tmp_path / 'nowhere' / inception.FID_WEIGHTS_FILENAME
   with pytest.raises(FileNotFoundError) as err:
     inception.load_pytorch_fid_weights(path)
   assert str(path) in str(err.value)
   assert inception.FID_WEIGHTS_URL in str(err.value)
   with pytest.raises(FileNotFoundError):
     inception.InceptionFeatureExtractor.from_file(path)
-  unset = ml_collections.ConfigDict({"inception_weights": None})
-  with pytest.raises(FileNotFoundError, match="inception_weights"):
+  unset = ml_collections.ConfigDict({'inception_weights': None})
+  with pytest.raises(FileNotFoundError, match='inception_weights'):
     inception.InceptionFeatureExtractor.from_config(unset)
-  with pytest.raises(FileNotFoundError, match="nowhere"):
+  with pytest.raises(FileNotFoundError, match='nowhere'):
     inception.InceptionFeatureExtractor.from_config(
-        ml_collections.ConfigDict({"inception_weights": str(path)}))
+      ml_collections.ConfigDict({'inception_weights': str(path)})
+    )
 
 
 def test_state_dict_mismatches_are_rejected(ref):
-  state = dict(ref["state"])
-  del state["Mixed_6b.branch7x7_2.conv.weight"]
-  with pytest.raises(ValueError, match="missing"):
+  state = dict(ref['state'])
+  del state['Mixed_6b.branch7x7_2.conv.weight']
+  with pytest.raises(ValueError, match='missing'):
     inception.state_dict_to_variables(state)
-  state = dict(ref["state"])
-  state["fc.weight"] = state["fc.weight"][:1000]
-  with pytest.raises(ValueError, match="shape"):
+  state = dict(ref['state'])
+  state['fc.weight'] = state['fc.weight'][:1000]
+  with pytest.raises(ValueError, match='shape'):
     inception.state_dict_to_variables(state)
-  state = dict(ref["state"])
-  state["Mixed_5b.extra.weight"] = torch.zeros(3)
-  with pytest.raises(ValueError, match="unexpected"):
+  state = dict(ref['state'])
+  state['Mixed_5b.extra.weight'] = torch.zeros(3)
+  with pytest.raises(ValueError, match='unexpected'):
     inception.state_dict_to_variables(state)

@@ -19,23 +19,30 @@ def _grads(f, variables, x, cotangent):
   return jax.jit(jax.grad(loss, (0, 1)))(variables, x)
 
 
-@pytest.mark.parametrize('shape, groups', [((2, 8, 8, 64), 32), ((3, 4, 5, 96), 32),
-                                           ((2, 16, 256), 32), ((1, 4, 4, 8), 4)])
+@pytest.mark.parametrize(
+  'shape, groups', [((2, 8, 8, 64), 32), ((3, 4, 5, 96), 32), ((2, 16, 256), 32), ((1, 4, 4, 8), 4)]
+)
 def test_group_norm_equals_flax_group_norm(shape, groups):
   # Off-centre, scaled activations and non-trivial affine parameters.
   keys = jax.random.split(jax.random.key(0), 4)
   x = 3.0 * jax.random.normal(keys[0], shape) + 1.5
   reference = nn.GroupNorm(num_groups=groups, epsilon=1e-6)
-  variables = {'params': {'scale': 1.0 + jax.random.normal(keys[2], (shape[-1],)),
-                          'bias': jax.random.normal(keys[3], (shape[-1],))}}
+  variables = {
+    'params': {
+      'scale': 1.0 + jax.random.normal(keys[2], (shape[-1],)),
+      'bias': jax.random.normal(keys[3], (shape[-1],)),
+    }
+  }
   ours = GroupNorm(num_groups=groups, epsilon=1e-6)
   assert jax.tree.map(jnp.shape, ours.init(keys[1], x)) == jax.tree.map(jnp.shape, variables)
   want = jax.jit(reference.apply)(variables, x)
   np.testing.assert_allclose(jax.jit(ours.apply)(variables, x), want, rtol=0, atol=2e-5)
   # The gradients too (the training step differentiates through it).
   cotangent = jax.random.normal(keys[0], shape)
-  for got, expected in zip(jax.tree.leaves(_grads(ours.apply, variables, x, cotangent)),
-                           jax.tree.leaves(_grads(reference.apply, variables, x, cotangent))):
+  for got, expected in zip(
+    jax.tree.leaves(_grads(ours.apply, variables, x, cotangent)),
+    jax.tree.leaves(_grads(reference.apply, variables, x, cotangent)),
+  ):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
 
 
@@ -44,23 +51,31 @@ def test_group_norm_with_swish_equals_flax_and_stores_only_its_input(swish, caps
   keys = jax.random.split(jax.random.key(1), 3)
   shape = (2, 8, 8, 64)
   x = 2.0 * jax.random.normal(keys[0], shape) - 0.5
-  variables = {'params': {'scale': 1.0 + jax.random.normal(keys[1], (64,)),
-                          'bias': jax.random.normal(keys[2], (64,))}}
+  variables = {
+    'params': {
+      'scale': 1.0 + jax.random.normal(keys[1], (64,)),
+      'bias': jax.random.normal(keys[2], (64,)),
+    }
+  }
   activation = nn.swish if swish else (lambda y: y)
   reference = lambda v, x: activation(nn.GroupNorm(num_groups=32, epsilon=1e-6).apply(v, x))
   ours = lambda v, x: layers.FAST.norm(swish=swish).apply(v, x)
-  np.testing.assert_allclose(jax.jit(ours)(variables, x), jax.jit(reference)(variables, x),
-                             rtol=0, atol=2e-5)
+  np.testing.assert_allclose(
+    jax.jit(ours)(variables, x), jax.jit(reference)(variables, x), rtol=0, atol=2e-5
+  )
   cotangent = jax.random.normal(keys[0], shape)
-  for got, expected in zip(jax.tree.leaves(_grads(ours, variables, x, cotangent)),
-                           jax.tree.leaves(_grads(reference, variables, x, cotangent))):
+  for got, expected in zip(
+    jax.tree.leaves(_grads(ours, variables, x, cotangent)),
+    jax.tree.leaves(_grads(reference, variables, x, cotangent)),
+  ):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
   # The backward pass recomputes the normalised (and swished) tensor: the
   # only full-size value kept from the forward pass is the input itself.
   capsys.readouterr()
   print_saved_residuals(ours, variables, x)
-  full_size = [line for line in capsys.readouterr().out.splitlines()
-               if line.startswith('f32[2,8,8,64]')]
+  full_size = [
+    line for line in capsys.readouterr().out.splitlines() if line.startswith('f32[2,8,8,64]')
+  ]
   assert full_size == ['f32[2,8,8,64] from the argument x'], full_size
 
 
@@ -79,10 +94,17 @@ def test_upsample_conv_equals_conv_of_the_upsampled_image(shape):
   keys = jax.random.split(jax.random.key(4), 3)
   x = jax.random.normal(keys[0], shape)
   kernel = jax.random.normal(keys[1], (3, 3, shape[-1], 6))
+
   def reference(x, kernel):
-    return jax.lax.conv_general_dilated(upsample_nearest2x(x), kernel, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                        precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.conv_general_dilated(
+      upsample_nearest2x(x),
+      kernel,
+      (1, 1),
+      ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=jax.lax.Precision.HIGHEST,
+    )
+
   want = jax.jit(reference)(x, kernel)
   got = jax.jit(upsample2x_conv3x3)(x, kernel)
   assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], 6)
@@ -95,5 +117,6 @@ def test_upsample_conv_equals_conv_of_the_upsampled_image(shape):
   # bfloat16 compute: output dtype, and still the same function (to bf16 precision).
   low = jax.jit(upsample2x_conv3x3, static_argnames='dtype')(x, kernel, dtype=jnp.bfloat16)
   assert low.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(low, np.float32), want, rtol=0,
-                             atol=0.03 * float(np.abs(want).max()))
+  np.testing.assert_allclose(
+    np.asarray(low, np.float32), want, rtol=0, atol=0.03 * float(np.abs(want).max())
+  )

@@ -21,10 +21,13 @@ def _inputs():
 
 def test_layer_sets_share_the_parameter_tree_and_its_initialisation():
   x, t = _inputs()
-  init = lambda m: jax.jit(lambda x, t: m.init(jax.random.key(0), x, t, train=False),
-                           compiler_options=_FAST_COMPILE)
-  shapes = {name: jax.eval_shape(init(UNet(**TINY, layers=s)), x, t)
-            for name, s in layers.LAYER_SETS.items()}
+  init = lambda m: jax.jit(
+    lambda x, t: m.init(jax.random.key(0), x, t, train=False), compiler_options=_FAST_COMPILE
+  )
+  shapes = {
+    name: jax.eval_shape(init(UNet(**TINY, layers=s)), x, t)
+    for name, s in layers.LAYER_SETS.items()
+  }
   assert shapes['fast'] == shapes['reference']
   fast, reference = (init(UNet(**TINY, layers=s))(x, t) for s in (layers.FAST, layers.REFERENCE))
   jax.tree.map(np.testing.assert_array_equal, fast, reference)
@@ -33,19 +36,25 @@ def test_layer_sets_share_the_parameter_tree_and_its_initialisation():
 @pytest.mark.parametrize('train', [False, True])
 def test_fast_layers_compute_the_reference_function(train):
   x, t = _inputs()
-  variables = jax.jit(lambda x, t: UNet(**TINY).init(jax.random.key(0), x, t, train=False),
-                      compiler_options=_FAST_COMPILE)(x, t)
+  variables = jax.jit(
+    lambda x, t: UNet(**TINY).init(jax.random.key(0), x, t, train=False),
+    compiler_options=_FAST_COMPILE,
+  )(x, t)
   # Perturbed, so the zero-init layers are not ~0 and every layer matters.
   leaves, treedef = jax.tree.flatten(variables['params'])
   keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = treedef.unflatten(
+    [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  )
   cotangent = jax.random.normal(jax.random.key(3), x.shape)
 
   def value_and_grads(layer_set):
     def loss(params, x):
-      out = UNet(**TINY, layers=layer_set).apply({'params': params}, x, t, train=train,
-                                                 rngs={'dropout': jax.random.key(4)})
+      out = UNet(**TINY, layers=layer_set).apply(
+        {'params': params}, x, t, train=train, rngs={'dropout': jax.random.key(4)}
+      )
       return jnp.sum(out * cotangent), out
+
     return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
 
   (_, fast_out), fast_grads = value_and_grads(layers.FAST)
@@ -77,9 +86,17 @@ def test_auto_runs_the_fast_layers_where_they_were_measured():
 
 
 def test_unet_from_config_reads_the_layer_set():
-  cfg = ml_collections.ConfigDict(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                                       attn_resolutions=(8,), dropout=0.1,
-                                       resamp_with_conv=True, dtype='float32'))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      ch=32,
+      ch_mult=(1, 2),
+      num_res_blocks=1,
+      attn_resolutions=(8,),
+      dropout=0.1,
+      resamp_with_conv=True,
+      dtype='float32',
+    )
+  )
   # Configs written before the field existed mean 'auto': picked when run.
   assert unet_from_config(cfg, 3).layers is None
   cfg.layers = 'auto'

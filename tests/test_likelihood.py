@@ -8,7 +8,8 @@ vanish and only the decoder term remains.
 """
 
 import math
-from typing import Callable, Dict, Iterator, List, NamedTuple, Tuple
+from typing import NamedTuple
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +44,15 @@ def _ref_decoder_loglik(x, mean, log_scale) -> np.ndarray:
   inv = np.exp(-np.asarray(log_scale, np.float64))
   cdf_plus = approx_cdf(inv * (centered + 1 / 255))
   cdf_min = approx_cdf(inv * (centered - 1 / 255))
-  return np.where(x < -0.999, np.log(np.maximum(cdf_plus, 1e-12)),
-                  np.where(x > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)),
-                           np.log(np.maximum(cdf_plus - cdf_min, 1e-12))))
+  return np.where(
+    x < -0.999,
+    np.log(np.maximum(cdf_plus, 1e-12)),
+    np.where(
+      x > 0.999,
+      np.log(np.maximum(1 - cdf_min, 1e-12)),
+      np.log(np.maximum(cdf_plus - cdf_min, 1e-12)),
+    ),
+  )
 
 
 def _ref_tables(num_timesteps: int):
@@ -60,8 +67,10 @@ def _ref_tables(num_timesteps: int):
 # normal_kl.
 
 
-@pytest.mark.parametrize('args,expected', [((1.0, 0.0, 0.0, 0.0), 0.5),
-                                           ((0.0, math.log(2.0), 0.0, 0.0), 0.1534264097200273)])
+@pytest.mark.parametrize(
+  'args,expected',
+  [((1.0, 0.0, 0.0, 0.0), 0.5), ((0.0, math.log(2.0), 0.0, 0.0), 0.1534264097200273)],
+)
 def test_normal_kl_golden(x64, args, expected):
   value = likelihood.normal_kl(*[jnp.float64(a) for a in args])
   assert value.dtype == jnp.float64
@@ -73,13 +82,15 @@ def test_normal_kl_matches_closed_form_and_is_zero_for_equal_gaussians(x64):
   m1, m2 = rng.normal(size=(2, 50))
   lv1, lv2 = rng.uniform(-5, 2, size=(2, 50))
   s1, s2 = np.exp(0.5 * lv1), np.exp(0.5 * lv2)
-  expected = np.log(s2 / s1) + (s1**2 + (m1 - m2)**2) / (2 * s2**2) - 0.5
+  expected = np.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5
   got = likelihood.normal_kl(jnp.asarray(m1), jnp.asarray(lv1), jnp.asarray(m2), jnp.asarray(lv2))
   np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-13)
   assert np.all(np.asarray(got) > 0)
   np.testing.assert_allclose(
-      likelihood.normal_kl(jnp.asarray(m1), jnp.asarray(lv1), jnp.asarray(m1), jnp.asarray(lv1)),
-      0.0, atol=1e-15)
+    likelihood.normal_kl(jnp.asarray(m1), jnp.asarray(lv1), jnp.asarray(m1), jnp.asarray(lv1)),
+    0.0,
+    atol=1e-15,
+  )
 
 
 def test_normal_kl_broadcasts():
@@ -92,10 +103,11 @@ def test_normal_kl_matches_monte_carlo(x64):
   m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.2, math.log(2.0)
   n = 400_000
   x = m1 + math.exp(0.5 * lv1) * np.random.default_rng(1).standard_normal(n)
-  log_p = lambda x, m, lv: -0.5 * (math.log(2 * math.pi) + lv + (x - m)**2 / math.exp(lv))
+  log_p = lambda x, m, lv: -0.5 * (math.log(2 * math.pi) + lv + (x - m) ** 2 / math.exp(lv))
   ratio = log_p(x, m1, lv1) - log_p(x, m2, lv2)
-  kl = float(likelihood.normal_kl(jnp.float64(m1), jnp.float64(lv1), jnp.float64(m2),
-                                  jnp.float64(lv2)))
+  kl = float(
+    likelihood.normal_kl(jnp.float64(m1), jnp.float64(lv1), jnp.float64(m2), jnp.float64(lv2))
+  )
   assert abs(ratio.mean() - kl) < 5 * ratio.std() / math.sqrt(n)
 
 
@@ -103,21 +115,24 @@ def test_normal_kl_matches_monte_carlo(x64):
 # Discretized Gaussian decoder.
 
 
-@pytest.mark.parametrize('x,expected', [(-1.0, -0.35344120866375206),
-                                        (0.0, -0.9050181142111203),
-                                        (1.0, -0.35344120866375206)])
+@pytest.mark.parametrize(
+  'x,expected',
+  [(-1.0, -0.35344120866375206), (0.0, -0.9050181142111203), (1.0, -0.35344120866375206)],
+)
 def test_decoder_golden_at_first_step_scale(x64, x, expected):
   d = diffusion.make_diffusion(dtype=jnp.float64)
   log_scale = 0.5 * d.fixedlarge_log_variance[0]
-  value = likelihood.discretized_gaussian_log_likelihood(jnp.full((1,), x), jnp.float64(x),
-                                                         log_scale)
+  value = likelihood.discretized_gaussian_log_likelihood(
+    jnp.full((1,), x), jnp.float64(x), log_scale
+  )
   assert value.dtype == jnp.float64
   np.testing.assert_allclose(float(value[0]), expected, rtol=1e-12)
 
 
 def test_decoder_golden_unit_scale(x64):
-  value = likelihood.discretized_gaussian_log_likelihood(jnp.zeros((1,)), jnp.float64(0.0),
-                                                         jnp.float64(0.0))
+  value = likelihood.discretized_gaussian_log_likelihood(
+    jnp.zeros((1,)), jnp.float64(0.0), jnp.float64(0.0)
+  )
   np.testing.assert_allclose(float(value[0]), -5.76705747360343, rtol=1e-12)
 
 
@@ -125,11 +140,15 @@ def test_decoder_matches_reference_formula(x64):
   rng = np.random.default_rng(2)
   x = _grid_x0(2)
   # Means near the data for most dimensions (likely bins), anywhere for the rest.
-  means = np.where(rng.uniform(size=SHAPE) < 0.8, x + rng.uniform(-0.02, 0.02, SHAPE),
-                   rng.uniform(-1.2, 1.2, SHAPE))
+  means = np.where(
+    rng.uniform(size=SHAPE) < 0.8,
+    x + rng.uniform(-0.02, 0.02, SHAPE),
+    rng.uniform(-1.2, 1.2, SHAPE),
+  )
   log_scales = rng.uniform(-6, 0.5, SHAPE)
-  got = likelihood.discretized_gaussian_log_likelihood(jnp.asarray(x), jnp.asarray(means),
-                                                       jnp.asarray(log_scales))
+  got = likelihood.discretized_gaussian_log_likelihood(
+    jnp.asarray(x), jnp.asarray(means), jnp.asarray(log_scales)
+  )
   assert got.shape == SHAPE
   expected = _ref_decoder_loglik(x, means, log_scales)
   # Compared as probabilities: a bin far in the tail is a difference of two CDF
@@ -144,8 +163,9 @@ def test_decoder_matches_reference_formula(x64):
 @pytest.mark.parametrize('log_scale', [-6.0, -3.0, -1.0, 0.0, 1.0])
 def test_decoder_probabilities_sum_to_one(x64, mean, log_scale):
   grid = jnp.arange(256, dtype=jnp.float64) / 127.5 - 1.0
-  log_p = likelihood.discretized_gaussian_log_likelihood(grid, jnp.float64(mean),
-                                                         jnp.float64(log_scale))
+  log_p = likelihood.discretized_gaussian_log_likelihood(
+    grid, jnp.float64(mean), jnp.float64(log_scale)
+  )
   # Each of the 256 bins may be floored at 1e-12: at most 2.6e-10 too much.
   np.testing.assert_allclose(np.exp(np.asarray(log_p)).sum(), 1.0, atol=3e-10)
 
@@ -153,8 +173,9 @@ def test_decoder_probabilities_sum_to_one(x64, mean, log_scale):
 def test_decoder_probabilities_sum_to_one_float32():
   grid = jnp.arange(256, dtype=jnp.float32) / 127.5 - 1.0
   for mean, log_scale in [(0.1, -2.0), (-0.9, -4.0), (0.5, 0.0)]:
-    log_p = likelihood.discretized_gaussian_log_likelihood(grid, jnp.float32(mean),
-                                                           jnp.float32(log_scale))
+    log_p = likelihood.discretized_gaussian_log_likelihood(
+      grid, jnp.float32(mean), jnp.float32(log_scale)
+    )
     assert log_p.dtype == jnp.float32
     np.testing.assert_allclose(np.exp(np.asarray(log_p, np.float64)).sum(), 1.0, atol=1e-4)
 
@@ -185,8 +206,9 @@ def test_prior_bpd_float32_is_close():
   got = likelihood.prior_bpd(d, x0)
   assert got.dtype == jnp.float32
   # In float32, -1 - lv + exp(lv) cancels to within ~1e-7 of its 1e-9 value.
-  np.testing.assert_allclose(got, [5.874783886761826e-10] + [2.9112945420286456e-05] * 2,
-                             rtol=1e-2, atol=1e-7)
+  np.testing.assert_allclose(
+    got, [5.874783886761826e-10] + [2.9112945420286456e-05] * 2, rtol=1e-2, atol=1e-7
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -203,9 +225,16 @@ def test_vb_terms_match_independent_computation(x64):
   x_t = rng.standard_normal(SHAPE)
   eps_hat = rng.standard_normal(SHAPE)
   ts = np.array([0, 1, 700])
-  got = likelihood.vb_terms_bpd(d, jnp.asarray(eps_hat), jnp.asarray(x0), jnp.asarray(x_t),
-                                jnp.asarray(ts, jnp.int32), clip_denoised=True,
-                                model_mean_type='eps', model_var_type='fixedlarge')
+  got = likelihood.vb_terms_bpd(
+    d,
+    jnp.asarray(eps_hat),
+    jnp.asarray(x0),
+    jnp.asarray(x_t),
+    jnp.asarray(ts, jnp.int32),
+    clip_denoised=True,
+    model_mean_type='eps',
+    model_var_type='fixedlarge',
+  )
   assert got['output'].shape == (SHAPE[0],)
   for i, t in enumerate(ts):
     pred_x0 = np.clip(x_t[i] / np.sqrt(ac[t]) - np.sqrt(1 / ac[t] - 1) * eps_hat[i], -1, 1)
@@ -219,8 +248,11 @@ def test_vb_terms_match_independent_computation(x64):
     else:
       true_mean = coef1 * x0[i] + coef2 * x_t[i]
       true_var = post_var[t]
-      kl = (0.5 * (model_logvar - np.log(true_var)) +
-            (true_var + (true_mean - model_mean)**2) / (2 * np.exp(model_logvar)) - 0.5)
+      kl = (
+        0.5 * (model_logvar - np.log(true_var))
+        + (true_var + (true_mean - model_mean) ** 2) / (2 * np.exp(model_logvar))
+        - 0.5
+      )
       expected = np.mean(kl) / LN2
     np.testing.assert_allclose(got['output'][i], expected, rtol=1e-10)
 
@@ -244,9 +276,9 @@ class _BlindRun(NamedTuple):
   d: diffusion.Diffusion
   x0: jax.Array
   key: jax.Array
-  out: Dict[str, jax.Array]
-  run: Callable[[jax.Array], Dict[str, jax.Array]]  # The jitted loop, key -> out.
-  traces: List[Tuple[int, ...]]  # The t shapes model_fn was traced with.
+  out: dict[str, jax.Array]
+  run: Callable[[jax.Array], dict[str, jax.Array]]  # The jitted loop, key -> out.
+  traces: list[tuple[int, ...]]  # The t shapes model_fn was traced with.
 
 
 @pytest.fixture(scope='module')
@@ -260,9 +292,11 @@ def blind_run() -> _BlindRun:
     traces.append(t.shape)
     return _blind_model(x_t, t)
 
-  run = jax.jit(lambda key: likelihood.calc_bpd_loop(
-      d, model_fn, x0, key, clip_denoised=True, model_mean_type='eps',
-      model_var_type='fixedlarge'))
+  run = jax.jit(
+    lambda key: likelihood.calc_bpd_loop(
+      d, model_fn, x0, key, clip_denoised=True, model_mean_type='eps', model_var_type='fixedlarge'
+    )
+  )
   key = jax.random.key(0)
   return _BlindRun(d, x0, key, run(key), run, traces)
 
@@ -277,9 +311,9 @@ def test_calc_bpd_loop_shapes_and_total(blind_run):
   for v in out.values():
     assert v.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(v)))
-  np.testing.assert_allclose(out['total_bpd'],
-                             np.asarray(out['terms_bpd']).sum(1) + np.asarray(out['prior_bpd']),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    out['total_bpd'], np.asarray(out['terms_bpd']).sum(1) + np.asarray(out['prior_bpd']), rtol=1e-6
+  )
   np.testing.assert_allclose(out['prior_bpd'], likelihood.prior_bpd(d, x0), rtol=1e-6)
   assert np.all(np.asarray(out['terms_bpd'])[:, 1:] > 0)  # A wrong model pays at every t.
 
@@ -292,8 +326,16 @@ def test_calc_bpd_loop_terms_are_vb_terms_with_fresh_noise_per_t(blind_run):
     t = jnp.full((SHAPE[0],), t_value, jnp.int32)
     noise = jax.random.normal(jax.random.fold_in(key, t_value), x0.shape, x0.dtype)
     x_t = diffusion.q_sample(d, x0, t, noise)
-    term = likelihood.vb_terms_bpd(d, _blind_model(x_t, t), x0, x_t, t, clip_denoised=True,
-                                   model_mean_type='eps', model_var_type='fixedlarge')
+    term = likelihood.vb_terms_bpd(
+      d,
+      _blind_model(x_t, t),
+      x0,
+      x_t,
+      t,
+      clip_denoised=True,
+      model_mean_type='eps',
+      model_var_type='fixedlarge',
+    )
     return term['output'], jnp.mean(jnp.square(term['pred_x0'] - x0), axis=(1, 2, 3))
 
   for t_value in (0, 1, 17, SMALL_T - 1):
@@ -321,27 +363,42 @@ def test_calc_bpd_loop_with_oracle_float64(x64):
   d = diffusion.make_diffusion(num_timesteps=SMALL_T, dtype=jnp.float64)
   x0_np = _grid_x0(5)
   x0 = jnp.asarray(x0_np)
-  out = likelihood.calc_bpd_loop(d, _oracle(d, x0), x0, jax.random.key(1), clip_denoised=False,
-                                 model_mean_type='eps', model_var_type='fixedsmall')
+  out = likelihood.calc_bpd_loop(
+    d,
+    _oracle(d, x0),
+    x0,
+    jax.random.key(1),
+    clip_denoised=False,
+    model_mean_type='eps',
+    model_var_type='fixedsmall',
+  )
   terms = np.asarray(out['terms_bpd'])
   assert terms.dtype == np.float64
   # KL of the true posterior to itself.
   np.testing.assert_allclose(terms[:, 1:], 0.0, atol=1e-12)
   np.testing.assert_allclose(terms[:, 0], _expected_decoder_bpd(x0_np, SMALL_T), rtol=1e-10)
   np.testing.assert_allclose(out['mse'], 0.0, atol=1e-20)
-  np.testing.assert_allclose(out['total_bpd'], terms[:, 0] + np.asarray(out['prior_bpd']),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    out['total_bpd'], terms[:, 0] + np.asarray(out['prior_bpd']), rtol=1e-12
+  )
 
 
 def test_calc_bpd_loop_with_oracle_float32(blind_run):
   d, x0, key = blind_run.d, blind_run.x0, blind_run.key
   # Eager this time (the shared run is jitted).
-  out = likelihood.calc_bpd_loop(d, _oracle(d, x0), x0, key, clip_denoised=False,
-                                 model_mean_type='eps', model_var_type='fixedsmall')
+  out = likelihood.calc_bpd_loop(
+    d,
+    _oracle(d, x0),
+    x0,
+    key,
+    clip_denoised=False,
+    model_mean_type='eps',
+    model_var_type='fixedsmall',
+  )
   np.testing.assert_allclose(out['terms_bpd'][:, 1:], 0.0, atol=1e-4)
-  np.testing.assert_allclose(out['terms_bpd'][:, 0],
-                             _expected_decoder_bpd(np.asarray(x0, np.float64), SMALL_T),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    out['terms_bpd'][:, 0], _expected_decoder_bpd(np.asarray(x0, np.float64), SMALL_T), rtol=1e-4
+  )
   # The exact denoiser has a lower bound than the poor one, by a wide margin.
   assert np.all(np.asarray(out['total_bpd']) < np.asarray(blind_run.out['total_bpd']) - 1.0)
 
@@ -353,8 +410,9 @@ def test_calc_bpd_loop_respaced_model_sees_original_timesteps(x64):
   x0 = jnp.asarray(x0_np)
   # The oracle works in the full process's timesteps: it is exact only if the
   # loop passes it the kept timesteps (0, 111, ..., 999), not the steps 0..9.
-  out = likelihood.calc_bpd_loop(r, _oracle(full, x0), x0, jax.random.key(6),
-                                 clip_denoised=False, model_var_type='fixedsmall')
+  out = likelihood.calc_bpd_loop(
+    r, _oracle(full, x0), x0, jax.random.key(6), clip_denoised=False, model_var_type='fixedsmall'
+  )
   assert out['terms_bpd'].shape == (SHAPE[0], 10)
   np.testing.assert_allclose(out['terms_bpd'][:, 1:], 0.0, atol=1e-10)
   # The decoder term of the respaced process: its step 0 is timestep 0 with

@@ -34,8 +34,10 @@ def _as_two_processes(make_train_iterator):
 
   def make(config, *, start_step=0, process_index=None, process_count=None):
     del process_index, process_count
-    streams = [make_train_iterator(config, start_step=start_step, process_index=p,
-                                   process_count=2) for p in range(2)]
+    streams = [
+      make_train_iterator(config, start_step=start_step, process_index=p, process_count=2)
+      for p in range(2)
+    ]
     while True:
       # Process 0's examples fill the first half of the batch axis, as in
       # jax.make_array_from_process_local_data over a mesh of both processes.
@@ -49,8 +51,13 @@ def _launch_two(workdir, flags, log_prefix, **fault):
   port = th.free_port()
   processes = []
   for process_id in range(2):
-    env = th.child_env(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-                       JAX_PROCESS_ID=str(process_id), JAX_NUM_CPU_DEVICES='2', **fault)
+    env = th.child_env(
+      JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+      JAX_NUM_PROCESSES='2',
+      JAX_PROCESS_ID=str(process_id),
+      JAX_NUM_CPU_DEVICES='2',
+      **fault,
+    )
     log = f'{log_prefix}_{process_id}.log'
     processes.append((th.start_trainer(workdir, flags, env=env, log_path=log), log))
   deadline = time.time() + th.TIMEOUT_S
@@ -77,19 +84,26 @@ def runs(tmp_path_factory):
   data_dirs = th.make_data(str(root / 'data'))
   # Process 1 gets SIGTERM while drawing the batch of step 2; process 0 gets nothing.
   workdir = str(root / 'two_processes')
-  results = _launch_two(workdir, th.config_flags(data_dirs, **STEPS), str(root / 'process'),
-                        DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGTERM)}:2',
-                        DDPM_TEST_SIGNAL_PROCESS='1')
+  results = _launch_two(
+    workdir,
+    th.config_flags(data_dirs, **STEPS),
+    str(root / 'process'),
+    DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGTERM)}:2',
+    DDPM_TEST_SIGNAL_PROCESS='1',
+  )
   step = _preempted_step(results)
   reference = str(root / 'one_process')
-  config = th.tiny_config(data_dirs, **dict(STEPS, num_train_steps=step,
-                                            checkpoint_every_steps=step))
+  config = th.tiny_config(
+    data_dirs, **dict(STEPS, num_train_steps=step, checkpoint_every_steps=step)
+  )
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(input_pipeline, 'make_train_iterator',
-                  _as_two_processes(input_pipeline.make_train_iterator))
+    patch.setattr(
+      input_pipeline, 'make_train_iterator', _as_two_processes(input_pipeline.make_train_iterator)
+    )
     train.train_and_evaluate(config, reference)
-  return types.SimpleNamespace(config=config, reference=reference, workdir=workdir,
-                               results=results, step=step)
+  return types.SimpleNamespace(
+    config=config, reference=reference, workdir=workdir, results=results, step=step
+  )
 
 
 def test_both_processes_join_one_run(runs):
@@ -115,5 +129,8 @@ def test_two_processes_train_to_the_one_process_state(runs):
   # ...and the parameters, which move by about the learning rate (1e-3) a
   # step, to 2.5% of that a step (Adam's first steps are sign-like, so a
   # gradient near zero may flip a parameter's step).
-  th.assert_states_close(th.restore(runs.workdir, runs.config),
-                         th.restore(runs.reference, runs.config), atol=2.5e-5 * step)
+  th.assert_states_close(
+    th.restore(runs.workdir, runs.config),
+    th.restore(runs.reference, runs.config),
+    atol=2.5e-5 * step,
+  )

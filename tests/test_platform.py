@@ -24,15 +24,18 @@ def test_adds_the_tunable_and_keeps_the_users_others():
   assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
 
 
-@pytest.mark.parametrize('environ, glibc, thp', [
-    ({'DDPM_JAX_HUGE_PAGES': '0'}, GLIBC, 'madvise'),             # opted out
+@pytest.mark.parametrize(
+  'environ, glibc, thp',
+  [
+    ({'DDPM_JAX_HUGE_PAGES': '0'}, GLIBC, 'madvise'),  # opted out
     ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, GLIBC, 'madvise'),  # the user's choice
     ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, GLIBC, 'madvise'),  # already re-executed
-    ({}, (2, 34), 'madvise'),                                      # glibc ignores the tunable
-    ({}, None, 'madvise'),                                         # not glibc
-    ({}, GLIBC, 'always'),                                         # every mapping has them
-    ({}, GLIBC, 'never'),                                          # the kernel has none
-])
+    ({}, (2, 34), 'madvise'),  # glibc ignores the tunable
+    ({}, None, 'madvise'),  # not glibc
+    ({}, GLIBC, 'always'),  # every mapping has them
+    ({}, GLIBC, 'never'),  # the kernel has none
+  ],
+)
 def test_nothing_to_gain_means_no_reexecution(environ, glibc, thp):
   assert _decide(environ, glibc=glibc, thp=thp) is None
 
@@ -46,7 +49,7 @@ def test_reads_the_kernel_mode(tmp_path):
 
 # Starts, re-executes once (or not), then mallocs and touches 64 MiB and
 # reports how much of it the kernel backed with huge pages.
-_CHILD = textwrap.dedent('''
+_CHILD = textwrap.dedent("""
     import ctypes, json, os, sys
     sys.path.insert(0, {repo!r})
     with open({log!r}, 'a') as f:
@@ -67,25 +70,29 @@ _CHILD = textwrap.dedent('''
     print(json.dumps(dict(argv=sys.argv[1:], flags=sys.flags.dont_write_bytecode,
                           tunables=os.environ.get('GLIBC_TUNABLES', ''),
                           huge_mib=(anon_huge_kib() - before) / 1024)))
-''')
+""")
 
 
 def _run_child(tmp_path, **env_overrides):
   log = tmp_path / 'starts.log'
   script = tmp_path / 'child.py'
   script.write_text(_CHILD.format(repo=REPO, log=str(log)))
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('GLIBC_TUNABLES', platform.OPT_OUT_ENV)}
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', platform.OPT_OUT_ENV)}
   env.update(env_overrides)
-  out = subprocess.run([sys.executable, '-B', str(script), '--flag=x', 'arg'], env=env,
-                       check=True, capture_output=True, text=True).stdout
+  out = subprocess.run(
+    [sys.executable, '-B', str(script), '--flag=x', 'arg'],
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
   return json.loads(out.strip().splitlines()[-1]), log.read_text().count('start')
 
 
 def test_main_reexecutes_once_with_the_tunable_and_malloc_gets_huge_pages(tmp_path):
   expected = platform.environment_with_huge_pages(
-      {k: v for k, v in os.environ.items()
-       if k not in ('GLIBC_TUNABLES', platform.OPT_OUT_ENV)})
+    {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', platform.OPT_OUT_ENV)}
+  )
   report, starts = _run_child(tmp_path)
   # Arguments and interpreter options (-B) survive the re-execution.
   assert report['argv'] == ['--flag=x', 'arg'] and report['flags'] == 1
@@ -109,7 +116,6 @@ def test_opting_out_leaves_malloc_alone(tmp_path):
 # XLA:CPU flags.
 
 
-
 def _configured(monkeypatch, xla_flags=None, opt_out=None):
   monkeypatch.delenv('XLA_FLAGS', raising=False)
   monkeypatch.delenv(platform.XLA_FLAGS_ENV, raising=False)
@@ -131,23 +137,36 @@ def test_keeps_the_users_flags_and_values(monkeypatch):
   name = platform.XLA_CPU_FLAGS[0].split('=')[0]
   flags = _configured(monkeypatch, f'--xla_force_host_platform_device_count=2 {name}=dot')
   # The user's value wins; the flags the user did not set are still added.
-  assert flags == ['--xla_force_host_platform_device_count=2', f'{name}=dot',
-                   *platform.XLA_CPU_FLAGS[1:]]
+  assert flags == [
+    '--xla_force_host_platform_device_count=2',
+    f'{name}=dot',
+    *platform.XLA_CPU_FLAGS[1:],
+  ]
 
 
 def test_opt_out_leaves_xla_flags_alone(monkeypatch):
   assert _configured(monkeypatch, '--xla_cpu_enable_fast_math=false', opt_out='0') == [
-      '--xla_cpu_enable_fast_math=false']
+    '--xla_cpu_enable_fast_math=false'
+  ]
 
 
 def test_this_jaxlib_accepts_the_flags():
   # XLA aborts the process on a flag it does not know (e.g. after a jaxlib
   # upgrade renamed it): check in a fresh process that computes something.
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', platform.XLA_FLAGS_ENV)}
-  code = ('from ddpm_jax import platform; platform.configure_xla_flags(); import jax, os; '
-          'print(float(jax.numpy.ones(3).sum()), os.environ["XLA_FLAGS"])')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=120, check=False)
+  code = (
+    'from ddpm_jax import platform; platform.configure_xla_flags(); import jax, os; '
+    'print(float(jax.numpy.ones(3).sum()), os.environ["XLA_FLAGS"])'
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[0] == '3.0'
   assert all(flag in proc.stdout.split() for flag in platform.XLA_CPU_FLAGS)

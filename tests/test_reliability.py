@@ -52,8 +52,10 @@ def _snapshot(directory):
     for name in files:
       if name != '.train.lock':
         stat = os.stat(os.path.join(root, name))
-        found[os.path.relpath(os.path.join(root, name), directory)] = (stat.st_size,
-                                                                       stat.st_mtime_ns)
+        found[os.path.relpath(os.path.join(root, name), directory)] = (
+          stat.st_size,
+          stat.st_mtime_ns,
+        )
   return found
 
 
@@ -75,10 +77,12 @@ def chain(data_dirs, tmp_path_factory):
   config = th.tiny_config(data_dirs, **CHAIN)
   train.train_and_evaluate(config, reference)
   result = {}
-  faults = (('preempted', dict(DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGTERM)}:1')),
-            ('killed_in_commit', dict(DDPM_TEST_KILL_AT_COMMIT='4')),
-            ('killed', dict(DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGKILL)}:3')),
-            ('finished', {}))
+  faults = (
+    ('preempted', dict(DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGTERM)}:1')),
+    ('killed_in_commit', dict(DDPM_TEST_KILL_AT_COMMIT='4')),
+    ('killed', dict(DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGKILL)}:3')),
+    ('finished', {}),
+  )
   listings, metrics = {}, {}
   for name, env in faults:
     if name == 'finished':
@@ -90,8 +94,13 @@ def chain(data_dirs, tmp_path_factory):
     listings[name] = sorted(os.listdir(checkpoints))
     metrics[name] = th.read_metrics(workdir)
   return types.SimpleNamespace(
-      reference=reference, workdir=workdir, result=result, listings=listings, metrics=metrics,
-      config=config)
+    reference=reference,
+    workdir=workdir,
+    result=result,
+    listings=listings,
+    metrics=metrics,
+    config=config,
+  )
 
 
 def test_sigterm_commits_the_current_step_and_exits_zero(chain):
@@ -142,13 +151,17 @@ def cli(chain, data_dirs, tmp_path_factory):
   fresh = th.config_flags(unprepared, num_train_steps=2, sample_every_steps=0)
   resume = th.config_flags(data_dirs, **dict(CHAIN, num_train_steps=9))
   cases = {
-      'typo': fresh + ['--config.training.batch_szie=8'],
-      'wrong_type': fresh + ['--config.training.batch_size=eight'],
-      'bad_values': fresh + ['--config.data.dataset=fashion_mnst',
-                             '--config.diffusion.beta_schedule=linaer',
-                             '--config.sampling.sampler=ddpn', '--config.training.batch_size=6',
-                             '--config.data.image_size=17'],
-      'other_model': resume + ['--config.model.ch=64'],
+    'typo': fresh + ['--config.training.batch_szie=8'],
+    'wrong_type': fresh + ['--config.training.batch_size=eight'],
+    'bad_values': fresh
+    + [
+      '--config.data.dataset=fashion_mnst',
+      '--config.diffusion.beta_schedule=linaer',
+      '--config.sampling.sampler=ddpn',
+      '--config.training.batch_size=6',
+      '--config.data.image_size=17',
+    ],
+    'other_model': resume + ['--config.model.ch=64'],
   }
   runs = {}
   for name, flags in cases.items():
@@ -160,8 +173,9 @@ def cli(chain, data_dirs, tmp_path_factory):
   results = {}
   for name, (process, workdir, before) in runs.items():
     code, output = th.finish(process)
-    results[name] = types.SimpleNamespace(code=code, output=output, workdir=workdir,
-                                          before=before, unprepared=unprepared[1])
+    results[name] = types.SimpleNamespace(
+      code=code, output=output, workdir=workdir, before=before, unprepared=unprepared[1]
+    )
   return results
 
 
@@ -175,18 +189,20 @@ def test_cli_typo_in_an_override_fails_before_anything(cli):
 def test_cli_override_of_the_wrong_type_fails_before_anything(cli):
   run = cli['wrong_type']
   assert run.code != 0
-  assert "--config.training.batch_size=eight: invalid literal for int()" in run.output
+  assert '--config.training.batch_size=eight: invalid literal for int()' in run.output
   assert not os.path.exists(run.workdir)
 
 
 def test_cli_invalid_values_are_all_listed_before_any_work(cli):
   run = cli['bad_values']
   assert run.code != 0
-  for problem in ("diffusion.beta_schedule='linaer' is not one of",
-                  "sampling.sampler: Unknown sampler 'ddpn'",
-                  'training.batch_size=6 does not divide by the 4 devices',
-                  'data.image_size=17 does not divide by 2',
-                  "data.dataset: Unknown TFDS dataset 'fashion_mnst'"):
+  for problem in (
+    "diffusion.beta_schedule='linaer' is not one of",
+    "sampling.sampler: Unknown sampler 'ddpn'",
+    'training.batch_size=6 does not divide by the 4 devices',
+    'data.image_size=17 does not divide by 2',
+    "data.dataset: Unknown TFDS dataset 'fashion_mnst'",
+  ):
     assert problem in run.output, run.output[-5000:]
   # Nothing was written to the workdir and no dataset was prepared.
   assert os.listdir(run.workdir) == []
@@ -202,8 +218,9 @@ def test_cli_resuming_with_another_model_is_refused_and_changes_nothing(cli):
 
 def test_unreadable_checkpoints_fall_back_to_an_older_one_or_stop(data_dirs, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
-  config = th.tiny_config(data_dirs, num_train_steps=4, checkpoint_every_steps=2,
-                          log_every_steps=2, sample_every_steps=0)
+  config = th.tiny_config(
+    data_dirs, num_train_steps=4, checkpoint_every_steps=2, log_every_steps=2, sample_every_steps=0
+  )
   train.train_and_evaluate(config, workdir)
   original = th.restore(workdir, config, step=4)
   _truncate_files(os.path.join(workdir, 'checkpoints', '4', 'state'))
@@ -223,15 +240,18 @@ def test_unreadable_checkpoints_fall_back_to_an_older_one_or_stop(data_dirs, tmp
     _truncate_files(os.path.join(workdir, 'checkpoints', str(step), item))
   before = _snapshot(workdir)
   config.training.num_train_steps = 8
-  with pytest.raises(checkpointing.CheckpointError, match=(
-      r'No checkpoint in \S+ could be restored:\s+step 6: .*\s+step 4: .*\s+step 2: ')):
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match=(r'No checkpoint in \S+ could be restored:\s+step 6: .*\s+step 4: .*\s+step 2: '),
+  ):
     train.train_and_evaluate(config, workdir)
   assert _snapshot(workdir) == before
 
 
 @pytest.mark.parametrize('fault', ['disk_full', 'read_only'])
 def test_a_failing_save_stops_the_run_and_keeps_the_previous_checkpoint(
-    data_dirs, tmp_path, monkeypatch, fault):
+  data_dirs, tmp_path, monkeypatch, fault
+):
   if fault == 'disk_full':  # Fails while committing (in the background).
     method, error = 'finalize', OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
   else:  # Fails creating the step's folder.
@@ -246,10 +266,17 @@ def test_a_failing_save_stops_the_run_and_keeps_the_previous_checkpoint(
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, method, failing_at_step_4)
   workdir = str(tmp_path / 'run')
   # Keeping one checkpoint: the old one must survive the failed new one.
-  config = th.tiny_config(data_dirs, num_train_steps=8, checkpoint_every_steps=2,
-                          log_every_steps=1, keep_checkpoints=1, sample_every_steps=0)
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=f'checkpoint of step 4 .*{os.strerror(error.errno)}'):
+  config = th.tiny_config(
+    data_dirs,
+    num_train_steps=8,
+    checkpoint_every_steps=2,
+    log_every_steps=1,
+    keep_checkpoints=1,
+    sample_every_steps=0,
+  )
+  with pytest.raises(
+    checkpointing.CheckpointError, match=f'checkpoint of step 4 .*{os.strerror(error.errno)}'
+  ):
     train.train_and_evaluate(config, workdir)
   assert th.committed_steps(workdir) == [2]
   assert int(th.restore(workdir, config).step) == 2
@@ -267,9 +294,15 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(data_dirs, tmp_path, monk
 
   monkeypatch.setattr(input_pipeline, 'make_train_iterator', nan_from_step_3)
   workdir = str(tmp_path / 'run')
-  config = th.tiny_config(data_dirs, num_train_steps=10, checkpoint_every_steps=1,
-                          log_every_steps=1, keep_checkpoints=3, max_consecutive_nonfinite=3,
-                          sample_every_steps=0)
+  config = th.tiny_config(
+    data_dirs,
+    num_train_steps=10,
+    checkpoint_every_steps=1,
+    log_every_steps=1,
+    keep_checkpoints=3,
+    max_consecutive_nonfinite=3,
+    sample_every_steps=0,
+  )
   with pytest.raises(train.TrainingError, match='3 training steps in a row had a non-finite'):
     train.train_and_evaluate(config, workdir)
   assert [r['finite'] for r in th.read_metrics(workdir)] == [1, 1, 1, 0, 0, 0]
@@ -280,12 +313,16 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(data_dirs, tmp_path, monk
   for state in states:
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
     for part in ('params', 'ema_params', 'opt_state'):
-      jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(state, part)),
-                   jax.device_get(getattr(states[0], part)))
+      jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(getattr(state, part)),
+        jax.device_get(getattr(states[0], part)),
+      )
 
 
-@pytest.mark.parametrize('part, value', [('params', np.nan), ('ema_params', np.inf),
-                                         ('opt_state', np.nan)])
+@pytest.mark.parametrize(
+  'part, value', [('params', np.nan), ('ema_params', np.inf), ('opt_state', np.nan)]
+)
 def test_a_state_with_nonfinite_values_is_never_checkpointed(data_dirs, tmp_path, part, value):
   config = th.tiny_config(data_dirs)
   model, _, image_shape = inference.build_model_and_diffusion(config)
@@ -312,8 +349,9 @@ def test_a_state_with_nonfinite_values_is_never_checkpointed(data_dirs, tmp_path
 
 def test_a_checkpoint_moves_between_device_counts(data_dirs, tmp_path):
   one, four = jax.devices()[:1], jax.devices()[:4]
-  config = th.tiny_config(data_dirs, num_train_steps=2, checkpoint_every_steps=2,
-                          log_every_steps=2, sample_every_steps=0)
+  config = th.tiny_config(
+    data_dirs, num_train_steps=2, checkpoint_every_steps=2, log_every_steps=2, sample_every_steps=0
+  )
   four_devices = str(tmp_path / 'four')
   train.train_and_evaluate(config, four_devices, devices=four)
   saved_on_four = th.restore(four_devices, config, devices=four)

@@ -21,8 +21,9 @@ def trained(tmp_path_factory):
   """A workdir with a 2-step tiny checkpoint, and its config."""
   root = tmp_path_factory.mktemp('sample_eval')
   write_fake_fashion_mnist(str(root / 'idx'))
-  config = make_config((str(root / 'idx'), str(root / 'tfds')), num_train_steps=2,
-                       sample_every_steps=0)
+  config = make_config(
+    (str(root / 'idx'), str(root / 'tfds')), num_train_steps=2, sample_every_steps=0
+  )
   workdir = str(root / 'run')
   train.train_and_evaluate(config, workdir)
   return config, workdir
@@ -46,7 +47,7 @@ def test_sample_writes_uint8_npz_and_grid_deterministically(trained, tmp_path):
 
   # Resume: one finished batch is kept as it is, a missing one is redone,
   # and the result is the same as the uninterrupted run.
-  batch_dir = path[:-len('.npz')]
+  batch_dir = path[: -len('.npz')]
   kept = os.path.join(batch_dir, 'batch_00000.npz')
   kept_mtime = os.stat(kept).st_mtime_ns
   os.remove(os.path.join(batch_dir, 'batch_00001.npz'))
@@ -99,8 +100,9 @@ def test_eval_reports_bound_and_quality_and_resumes(trained, tmp_path):
   assert bpd['num_examples'] == config.eval.num_bpd_examples
   for key in ('total_bpd', 'prior_bpd', 'sum_Lt_bpd', 'L0_bpd'):
     assert np.isfinite(bpd[key]), key
-  np.testing.assert_allclose(bpd['total_bpd'],
-                             bpd['prior_bpd'] + bpd['sum_Lt_bpd'] + bpd['L0_bpd'], rtol=1e-5)
+  np.testing.assert_allclose(
+    bpd['total_bpd'], bpd['prior_bpd'] + bpd['sum_Lt_bpd'] + bpd['L0_bpd'], rtol=1e-5
+  )
   # An untrained model is far from the data: several bits per dimension.
   assert 1.0 < bpd['total_bpd'] < 20.0
   assert os.path.exists(bpd['rate_distortion_png'])
@@ -123,7 +125,7 @@ def test_eval_reports_bound_and_quality_and_resumes(trained, tmp_path):
 def test_rate_distortion_is_cumulative():
   terms = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
   prior = np.array([0.5, 0.5])
-  mse = np.full((2, 3), (10 / 127.5)**2)
+  mse = np.full((2, 3), (10 / 127.5) ** 2)
   rate, distortion = evaluate.rate_distortion(terms, prior, mse)
   np.testing.assert_allclose(rate, [6.5, 5.5, 3.5])
   np.testing.assert_allclose(distortion, [10.0, 10.0, 10.0])
@@ -151,5 +153,6 @@ def test_missing_inception_weights_is_a_clear_error(trained, tmp_path):
   config.eval.feature_extractor = 'inception'
   config.eval.inception_weights = str(tmp_path / 'missing.pth')
   with pytest.raises(FileNotFoundError, match='missing.pth'):
-    evaluate.evaluate_sample_quality(config, inference.load_inference_model(config, workdir),
-                                     workdir)
+    evaluate.evaluate_sample_quality(
+      config, inference.load_inference_model(config, workdir), workdir
+    )

@@ -18,7 +18,7 @@ compiles and runs in about a second.
 """
 
 import functools
-from typing import Callable, Dict, Tuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ N_SE = 4.5  # tolerance in standard errors
 # The analytic denoiser and the exact propagation of its chains.
 
 
-def _np_alphas_cumprod(num_timesteps: int, use=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _np_alphas_cumprod(num_timesteps: int, use=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """float64 (betas, alphas_cumprod, alphas_cumprod_prev), optionally respaced."""
   betas = np.linspace(1e-4 * 1000 / num_timesteps, 0.02 * 1000 / num_timesteps, num_timesteps)
   ac = np.cumprod(1.0 - betas)
@@ -52,12 +52,19 @@ def _np_alphas_cumprod(num_timesteps: int, use=None) -> Tuple[np.ndarray, np.nda
 
 @functools.cache
 def _diffusion(num_timesteps: int = T) -> diffusion.Diffusion:
-  return diffusion.make_diffusion('linear', num_timesteps, 1e-4 * 1000 / num_timesteps,
-                                  0.02 * 1000 / num_timesteps)
+  return diffusion.make_diffusion(
+    'linear', num_timesteps, 1e-4 * 1000 / num_timesteps, 0.02 * 1000 / num_timesteps
+  )
 
 
-def _gaussian_model(mu=MU, s=S, num_timesteps: int = T, output: str = 'eps',
-                    counter: Dict[str, int] = None, dtype=jnp.float32) -> Callable:
+def _gaussian_model(
+  mu=MU,
+  s=S,
+  num_timesteps: int = T,
+  output: str = 'eps',
+  counter: dict[str, int] = None,
+  dtype=jnp.float32,
+) -> Callable:
   """The optimal predictor for N(mu, s^2) data, as eps, x0 or v.
 
   It reads alphas_cumprod of the full T-step process at the timesteps it is
@@ -97,9 +104,12 @@ def _exact_ddpm(var_type: str, use=None, num_timesteps: int = T, mu=MU, s=S):
     _, _, p1, p0 = _affine_coefs(a, mu, s)
     c1, c2 = b * np.sqrt(a_prev) / (1 - a), (1 - a_prev) * np.sqrt(1 - b) / (1 - a)
     posterior_var = b * (1 - a_prev) / (1 - a)
-    noise_var = {'fixedsmall': posterior_var, 'fixedlarge': b,
-                 # learned_range with output 0: the geometric mean of the two.
-                 'learned_range0': np.sqrt(b * posterior_var)}[var_type]
+    noise_var = {
+      'fixedsmall': posterior_var,
+      'fixedlarge': b,
+      # learned_range with output 0: the geometric mean of the two.
+      'learned_range0': np.sqrt(b * posterior_var),
+    }[var_type]
     m1 = c1 * p1 + c2
     m, v = m1 * m + c1 * p0, m1**2 * v + (noise_var if t > 0 else 0.0)
   return m, v, marginals
@@ -108,7 +118,7 @@ def _exact_ddpm(var_type: str, use=None, num_timesteps: int = T, mu=MU, s=S):
 def _ddim_seq(num_steps: int, skip: str, num_timesteps: int = T) -> np.ndarray:
   if skip == 'uniform':
     return np.arange(0, num_timesteps, num_timesteps // num_steps)
-  return (np.linspace(0, np.sqrt(0.8 * num_timesteps), num_steps)**2).astype(int)
+  return (np.linspace(0, np.sqrt(0.8 * num_timesteps), num_steps) ** 2).astype(int)
 
 
 def _exact_ddim(num_steps: int, eta: float, skip: str, num_timesteps: int = T, mu=MU, s=S):
@@ -151,49 +161,77 @@ def _key(seed: int = 0):
 
 # Each config: (sampler on the T = 100 process, its exact output moments).
 _MOMENT_CONFIGS = {
-    'ddpm_fixedsmall': (
-        lambda k: sampling.p_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                         clip_denoised=False, model_var_type='fixedsmall'),
-        lambda: _exact_ddpm('fixedsmall')[:2]),
-    'ddpm_fixedlarge': (
-        lambda k: sampling.p_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                         clip_denoised=False, model_var_type='fixedlarge'),
-        lambda: _exact_ddpm('fixedlarge')[:2]),
-    'ddpm_learned_range': (
-        lambda k: sampling.p_sample_loop(
-            _diffusion(), lambda x, t: jnp.concatenate(
-                [_gaussian_model()(x, t), jnp.zeros_like(x)], axis=-1),
-            (N, 4), k, clip_denoised=False, model_var_type='learned_range'),
-        lambda: _exact_ddpm('learned_range0')[:2]),
-    'ddim_eta0_uniform20': (
-        lambda k: sampling.ddim_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                            num_steps=20, clip_denoised=False),
-        lambda: _exact_ddim(20, 0.0, 'uniform')),
-    'ddim_eta1_uniform20': (
-        lambda k: sampling.ddim_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                            num_steps=20, eta=1.0, clip_denoised=False),
-        lambda: _exact_ddim(20, 1.0, 'uniform')),
-    'ddim_eta1_all100': (
-        lambda k: sampling.ddim_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                            num_steps=T, eta=1.0, clip_denoised=False),
-        lambda: _exact_ddim(T, 1.0, 'uniform')),
-    'ddim_eta0_quad20': (
-        lambda k: sampling.ddim_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                            num_steps=20, skip='quad', clip_denoised=False),
-        lambda: _exact_ddim(20, 0.0, 'quad')),
-    'ddim_eta0.5_uniform30': (  # 30 does not divide 100: range(0, 100, 3) has 34 steps.
-        lambda k: sampling.ddim_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                            num_steps=30, eta=0.5, clip_denoised=False),
-        lambda: _exact_ddim(30, 0.5, 'uniform')),
-    'respaced10_fixedlarge': (
-        lambda k: sampling.respaced_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                                num_steps=10, clip_denoised=False),
-        lambda: _exact_ddpm('fixedlarge', use=_respaced_use(10))[:2]),
-    'respaced25_fixedsmall': (
-        lambda k: sampling.respaced_sample_loop(_diffusion(), _gaussian_model(), (N, 4), k,
-                                                num_steps=25, clip_denoised=False,
-                                                model_var_type='fixedsmall'),
-        lambda: _exact_ddpm('fixedsmall', use=_respaced_use(25))[:2]),
+  'ddpm_fixedsmall': (
+    lambda k: sampling.p_sample_loop(
+      _diffusion(), _gaussian_model(), (N, 4), k, clip_denoised=False, model_var_type='fixedsmall'
+    ),
+    lambda: _exact_ddpm('fixedsmall')[:2],
+  ),
+  'ddpm_fixedlarge': (
+    lambda k: sampling.p_sample_loop(
+      _diffusion(), _gaussian_model(), (N, 4), k, clip_denoised=False, model_var_type='fixedlarge'
+    ),
+    lambda: _exact_ddpm('fixedlarge')[:2],
+  ),
+  'ddpm_learned_range': (
+    lambda k: sampling.p_sample_loop(
+      _diffusion(),
+      lambda x, t: jnp.concatenate([_gaussian_model()(x, t), jnp.zeros_like(x)], axis=-1),
+      (N, 4),
+      k,
+      clip_denoised=False,
+      model_var_type='learned_range',
+    ),
+    lambda: _exact_ddpm('learned_range0')[:2],
+  ),
+  'ddim_eta0_uniform20': (
+    lambda k: sampling.ddim_sample_loop(
+      _diffusion(), _gaussian_model(), (N, 4), k, num_steps=20, clip_denoised=False
+    ),
+    lambda: _exact_ddim(20, 0.0, 'uniform'),
+  ),
+  'ddim_eta1_uniform20': (
+    lambda k: sampling.ddim_sample_loop(
+      _diffusion(), _gaussian_model(), (N, 4), k, num_steps=20, eta=1.0, clip_denoised=False
+    ),
+    lambda: _exact_ddim(20, 1.0, 'uniform'),
+  ),
+  'ddim_eta1_all100': (
+    lambda k: sampling.ddim_sample_loop(
+      _diffusion(), _gaussian_model(), (N, 4), k, num_steps=T, eta=1.0, clip_denoised=False
+    ),
+    lambda: _exact_ddim(T, 1.0, 'uniform'),
+  ),
+  'ddim_eta0_quad20': (
+    lambda k: sampling.ddim_sample_loop(
+      _diffusion(), _gaussian_model(), (N, 4), k, num_steps=20, skip='quad', clip_denoised=False
+    ),
+    lambda: _exact_ddim(20, 0.0, 'quad'),
+  ),
+  'ddim_eta0.5_uniform30': (  # 30 does not divide 100: range(0, 100, 3) has 34 steps.
+    lambda k: sampling.ddim_sample_loop(
+      _diffusion(), _gaussian_model(), (N, 4), k, num_steps=30, eta=0.5, clip_denoised=False
+    ),
+    lambda: _exact_ddim(30, 0.5, 'uniform'),
+  ),
+  'respaced10_fixedlarge': (
+    lambda k: sampling.respaced_sample_loop(
+      _diffusion(), _gaussian_model(), (N, 4), k, num_steps=10, clip_denoised=False
+    ),
+    lambda: _exact_ddpm('fixedlarge', use=_respaced_use(10))[:2],
+  ),
+  'respaced25_fixedsmall': (
+    lambda k: sampling.respaced_sample_loop(
+      _diffusion(),
+      _gaussian_model(),
+      (N, 4),
+      k,
+      num_steps=25,
+      clip_denoised=False,
+      model_var_type='fixedsmall',
+    ),
+    lambda: _exact_ddpm('fixedsmall', use=_respaced_use(25))[:2],
+  ),
 }
 
 
@@ -252,41 +290,52 @@ def test_moment_check_tells_variance_types_apart():
 def test_ddim_eta1_all_steps_equals_ddpm_fixedsmall_sample_by_sample():
   # Both draw the noise of step t from fold_in(step_key, t), so beyond equal
   # laws the two chains give the same samples for the same key.
-  np.testing.assert_allclose(_samples('ddim_eta1_all100'), _samples('ddpm_fixedsmall'),
-                             atol=2e-5)
+  np.testing.assert_allclose(_samples('ddim_eta1_all100'), _samples('ddpm_fixedsmall'), atol=2e-5)
 
 
 def test_clipping_keeps_final_samples_in_range():
   # The last ancestral step (and DDIM's, to a_prev = 1) returns the clipped x0.
   d, model = _diffusion(), _gaussian_model()
-  for name, sampler in (('ddpm_fixedlarge', sampling.p_sample_loop),
-                        ('ddim_eta0_uniform20', functools.partial(sampling.ddim_sample_loop,
-                                                                  num_steps=20))):
+  for name, sampler in (
+    ('ddpm_fixedlarge', sampling.p_sample_loop),
+    ('ddim_eta0_uniform20', functools.partial(sampling.ddim_sample_loop, num_steps=20)),
+  ):
     clipped = np.asarray(sampler(d, model, (N, 4), _key(0)))
     assert np.abs(clipped).max() <= 1.0
     assert np.abs(_samples(name)).max() > 1.2  # N(0.6, 0.8^2) data often exceed 1.
 
 
-@pytest.mark.parametrize('name,mean_type', [('ddpm_fixedlarge', 'x0'),
-                                            ('ddpm_fixedlarge', 'v'),
-                                            ('ddim_eta0_uniform20', 'v')])
+@pytest.mark.parametrize(
+  'name,mean_type',
+  [('ddpm_fixedlarge', 'x0'), ('ddpm_fixedlarge', 'v'), ('ddim_eta0_uniform20', 'v')],
+)
 def test_mean_parameterizations_agree(name, mean_type):
   # The same optimal predictor given as x0 or v instead of eps: same samples.
   d, model = _diffusion(), _gaussian_model(output=mean_type)
   if name.startswith('ddpm'):
-    out = sampling.p_sample_loop(d, model, (N, 4), _key(0), clip_denoised=False,
-                                 model_mean_type=mean_type)
+    out = sampling.p_sample_loop(
+      d, model, (N, 4), _key(0), clip_denoised=False, model_mean_type=mean_type
+    )
   else:
-    out = sampling.ddim_sample_loop(d, model, (N, 4), _key(0), num_steps=20,
-                                    clip_denoised=False, model_mean_type=mean_type)
+    out = sampling.ddim_sample_loop(
+      d, model, (N, 4), _key(0), num_steps=20, clip_denoised=False, model_mean_type=mean_type
+    )
   np.testing.assert_allclose(out, _samples(name), atol=1e-4)
 
 
 def test_ddim_uses_only_the_mean_channels_of_learned_variance_outputs():
   model = _gaussian_model()
   with_variance = lambda x, t: jnp.concatenate([model(x, t), 5.0 + 0 * x], axis=-1)
-  out = sampling.ddim_sample_loop(_diffusion(), with_variance, (N, 4), _key(0), num_steps=20,
-                                  eta=1.0, clip_denoised=False, model_var_type='learned')
+  out = sampling.ddim_sample_loop(
+    _diffusion(),
+    with_variance,
+    (N, 4),
+    _key(0),
+    num_steps=20,
+    eta=1.0,
+    clip_denoised=False,
+    model_var_type='learned',
+  )
   np.testing.assert_allclose(out, _samples('ddim_eta1_uniform20'), atol=1e-6)
 
 
@@ -296,9 +345,9 @@ def test_ddim_uses_only_the_mean_channels_of_learned_variance_outputs():
 
 def test_progressive_snapshots_and_final_sample():
   d, model = _diffusion(), _gaussian_model()
-  x0, snaps = sampling.p_sample_loop_progressive(d, model, (N, 4), _key(0), every=20,
-                                                 clip_denoised=False,
-                                                 model_var_type='fixedsmall')
+  x0, snaps = sampling.p_sample_loop_progressive(
+    d, model, (N, 4), _key(0), every=20, clip_denoised=False, model_var_type='fixedsmall'
+  )
   np.testing.assert_array_equal(snaps['t'], [80, 60, 40, 20, 0])
   assert snaps['x_t'].shape == snaps['pred_x0'].shape == (5, N, 4)
   # The same chain as p_sample_loop for the same key.
@@ -315,8 +364,9 @@ def test_progressive_snapshots_and_final_sample():
 
 
 def test_progressive_clipped_predictions_are_in_range():
-  _, snaps = sampling.p_sample_loop_progressive(_diffusion(), _gaussian_model(), (64, 4),
-                                                _key(1), every=50)
+  _, snaps = sampling.p_sample_loop_progressive(
+    _diffusion(), _gaussian_model(), (64, 4), _key(1), every=50
+  )
   np.testing.assert_array_equal(snaps['t'], [50, 0])
   assert np.abs(np.asarray(snaps['pred_x0'])).max() <= 1.0
 
@@ -333,8 +383,15 @@ def test_pc_sampler_corrector_moves_toward_the_data_distribution():
   model = _gaussian_model(mu=mu, s=s)
 
   def var_ratio_error(corrector_steps):
-    x = sampling.pc_sample_loop(d, model, (500, 64), _key(0), corrector_steps=corrector_steps,
-                                clip_denoised=False, model_var_type='fixedsmall')
+    x = sampling.pc_sample_loop(
+      d,
+      model,
+      (500, 64),
+      _key(0),
+      corrector_steps=corrector_steps,
+      clip_denoised=False,
+      model_var_type='fixedsmall',
+    )
     x = np.asarray(x, np.float64).reshape(500 * 16, 4)
     np.testing.assert_allclose(x.mean(0), MU, atol=0.05)
     return np.abs(x.var(0) / S**2 - 1)
@@ -352,8 +409,9 @@ def test_pc_corrector_step_size_is_per_example():
   boost = jnp.array([1.0, 1.5, 1.0, 1.0])[:, None]
   kw = dict(corrector_steps=1, clip_denoised=False)
   plain = np.asarray(sampling.pc_sample_loop(d, model, (4, 4), _key(12), **kw))
-  boosted = np.asarray(sampling.pc_sample_loop(d, lambda x, t: model(x, t) * boost, (4, 4),
-                                               _key(12), **kw))
+  boosted = np.asarray(
+    sampling.pc_sample_loop(d, lambda x, t: model(x, t) * boost, (4, 4), _key(12), **kw)
+  )
   np.testing.assert_allclose(boosted[[0, 2, 3]], plain[[0, 2, 3]], rtol=1e-6, atol=1e-6)
   assert np.max(np.abs(boosted[1] - plain[1])) > 0.1
 
@@ -371,8 +429,9 @@ def _interp_data():
 def test_interpolate_endpoints_at_small_t_reconstruct_inputs():
   d, model = _diffusion(), _gaussian_model()
   x0_a, x0_b = _interp_data()
-  out = sampling.interpolate(d, model, x0_a, x0_b, _key(5), t=1, lam=jnp.array([0.0, 1.0]),
-                             clip_denoised=False)
+  out = sampling.interpolate(
+    d, model, x0_a, x0_b, _key(5), t=1, lam=jnp.array([0.0, 1.0]), clip_denoised=False
+  )
   assert out.shape == (2, 256, 4)
   assert float(jnp.mean(jnp.abs(x0_a - x0_b))) > 0.4
   assert float(jnp.mean(jnp.abs(out[0] - x0_a))) < 0.1
@@ -384,8 +443,9 @@ def test_interpolate_shares_noise_across_lambdas():
   x0_a, x0_b = _interp_data()
   lams = jnp.array([0.0, 0.25, 1.0])
   # Data as jit arguments: one compilation serves both pairs below.
-  mix = jax.jit(lambda a, b: sampling.interpolate(d, model, a, b, _key(6), t=15, lam=lams,
-                                                  clip_denoised=False))
+  mix = jax.jit(
+    lambda a, b: sampling.interpolate(d, model, a, b, _key(6), t=15, lam=lams, clip_denoised=False)
+  )
   out = mix(x0_a, x0_b)
   # Same encoding and decoding noise, affine denoiser: affine in lam.
   np.testing.assert_allclose(out[1], 0.75 * out[0] + 0.25 * out[2], atol=1e-4)
@@ -395,8 +455,7 @@ def test_interpolate_shares_noise_across_lambdas():
   np.testing.assert_allclose(same[0], same[2], atol=1e-6)
   np.testing.assert_allclose(same[0], same[1], atol=1e-6)
   # A scalar lam gives that row alone.
-  single = sampling.interpolate(d, model, x0_a, x0_b, _key(6), t=15, lam=0.25,
-                                clip_denoised=False)
+  single = sampling.interpolate(d, model, x0_a, x0_b, _key(6), t=15, lam=0.25, clip_denoised=False)
   assert single.shape == (256, 4)
   np.testing.assert_allclose(single, out[1], atol=1e-5)
 
@@ -410,14 +469,22 @@ def _run(name: str, d: diffusion.Diffusion, model_fn: Callable, shape, **kw) -> 
   if name == 'interpolate':
     x0_a = jnp.full(shape, -0.5)
     x0_b = jnp.full(shape, 0.5)
-    return functools.partial(sampling.interpolate, d, model_fn, x0_a, x0_b, t=d.num_timesteps // 2,
-                             lam=jnp.array([0.0, 0.5, 1.0]), **kw)
+    return functools.partial(
+      sampling.interpolate,
+      d,
+      model_fn,
+      x0_a,
+      x0_b,
+      t=d.num_timesteps // 2,
+      lam=jnp.array([0.0, 0.5, 1.0]),
+      **kw,
+    )
   fn, extra = {
-      'p_sample_loop': (sampling.p_sample_loop, {}),
-      'progressive': (sampling.p_sample_loop_progressive, {'every': 10}),
-      'ddim': (sampling.ddim_sample_loop, {'num_steps': 10, 'eta': 0.5}),
-      'respaced': (sampling.respaced_sample_loop, {'num_steps': 10}),
-      'pc': (sampling.pc_sample_loop, {'corrector_steps': 2}),
+    'p_sample_loop': (sampling.p_sample_loop, {}),
+    'progressive': (sampling.p_sample_loop_progressive, {'every': 10}),
+    'ddim': (sampling.ddim_sample_loop, {'num_steps': 10, 'eta': 0.5}),
+    'respaced': (sampling.respaced_sample_loop, {'num_steps': 10}),
+    'pc': (sampling.pc_sample_loop, {'corrector_steps': 2}),
   }[name]
   return functools.partial(fn, d, model_fn, shape, **extra, **kw)
 
@@ -484,16 +551,19 @@ def test_float64_mode():
   with jax.enable_x64(True):
     d = diffusion.make_diffusion('linear', T, BETA_START, BETA_END, dtype=jnp.float64)
     model = _gaussian_model(dtype=jnp.float64)
-    ddpm = sampling.p_sample_loop(d, model, (64, 4), _key(9), clip_denoised=False,
-                                  model_var_type='fixedsmall')
-    ddim = sampling.ddim_sample_loop(d, model, (64, 4), _key(9), num_steps=T, eta=1.0,
-                                     clip_denoised=False)
+    ddpm = sampling.p_sample_loop(
+      d, model, (64, 4), _key(9), clip_denoised=False, model_var_type='fixedsmall'
+    )
+    ddim = sampling.ddim_sample_loop(
+      d, model, (64, 4), _key(9), num_steps=T, eta=1.0, clip_denoised=False
+    )
     assert ddpm.dtype == ddim.dtype == jnp.float64
     # In float64 the two chains agree to rounding.
     np.testing.assert_allclose(ddim, ddpm, atol=1e-10)
   # The setting is restored: float32 tables give a float32 chain again.
-  out = jax.eval_shape(functools.partial(sampling.p_sample_loop, _diffusion(),
-                                         _gaussian_model(), (2, 4)), _key(9))
+  out = jax.eval_shape(
+    functools.partial(sampling.p_sample_loop, _diffusion(), _gaussian_model(), (2, 4)), _key(9)
+  )
   assert out.dtype == jnp.float32
 
 
@@ -504,45 +574,79 @@ def test_float64_mode():
 def _bad_calls():
   x = jnp.zeros((4, 4))
   calls = {
-      'shape_1d': (lambda d, m: sampling.p_sample_loop(d, m, (4,), _key()), 'shape'),
-      'shape_zero': (lambda d, m: sampling.p_sample_loop(d, m, (4, 0), _key()), 'shape'),
-      'shape_float': (lambda d, m: sampling.ddim_sample_loop(d, m, (4.0, 2), _key()), 'shape'),
-      'shape_str': (lambda d, m: sampling.pc_sample_loop(d, m, 'abc', _key()), 'shape'),
-      'mean_type': (lambda d, m: sampling.p_sample_loop(d, m, (4, 4), _key(),
-                                                        model_mean_type='noise'), 'eps, x0'),
-      'var_type': (lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(),
-                                                          model_var_type='big'), 'fixedlarge'),
-      'key_batch': (lambda d, m: sampling.p_sample_loop(d, m, (4, 4),
-                                                        jax.random.split(_key(), 2)), 'rng'),
-      'ddim_steps_0': (lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(),
-                                                              num_steps=0), r'\[1, 100\]'),
-      'ddim_steps_big': (lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(),
-                                                                num_steps=101), r'\[1, 100\]'),
-      'ddim_skip': (lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(), skip='cubic'),
-                    'uniform, quad'),
-      'ddim_eta_negative': (lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(),
-                                                                   eta=-0.1), 'eta'),
-      'ddim_eta_nan': (lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(),
-                                                              eta=float('nan')), 'eta'),
-      'respaced_steps': (lambda d, m: sampling.respaced_sample_loop(d, m, (4, 4), _key(),
-                                                                    num_steps=0), r'\[1, 100\]'),
-      'every_not_divisor': (lambda d, m: sampling.p_sample_loop_progressive(
-          d, m, (4, 4), _key(), every=30), r'divide T = 100.*\[1, 2, 4, 5'),
-      'every_zero': (lambda d, m: sampling.p_sample_loop_progressive(
-          d, m, (4, 4), _key(), every=0), r'\[1, 100\]'),
-      'interp_t_negative': (lambda d, m: sampling.interpolate(d, m, x, x, _key(), t=-1, lam=0.5),
-                            r'\[0, 99\]'),
-      'interp_t_big': (lambda d, m: sampling.interpolate(d, m, x, x, _key(), t=100, lam=0.5),
-                       r'\[0, 99\]'),
-      'interp_t_float': (lambda d, m: sampling.interpolate(d, m, x, x, _key(), t=1.5, lam=0.5),
-                         r'\[0, 99\]'),
-      'interp_shapes': (lambda d, m: sampling.interpolate(d, m, x, x[:2], _key(), t=5, lam=0.5),
-                        'same shape'),
-      'interp_lam_2d': (lambda d, m: sampling.interpolate(d, m, x, x, _key(), t=5,
-                                                          lam=jnp.zeros((2, 2))), 'lam'),
-      'pc_corrector': (lambda d, m: sampling.pc_sample_loop(d, m, (4, 4), _key(),
-                                                            corrector_steps=-1), '>= 0'),
-      'pc_snr': (lambda d, m: sampling.pc_sample_loop(d, m, (4, 4), _key(), snr=-1.0), 'snr'),
+    'shape_1d': (lambda d, m: sampling.p_sample_loop(d, m, (4,), _key()), 'shape'),
+    'shape_zero': (lambda d, m: sampling.p_sample_loop(d, m, (4, 0), _key()), 'shape'),
+    'shape_float': (lambda d, m: sampling.ddim_sample_loop(d, m, (4.0, 2), _key()), 'shape'),
+    'shape_str': (lambda d, m: sampling.pc_sample_loop(d, m, 'abc', _key()), 'shape'),
+    'mean_type': (
+      lambda d, m: sampling.p_sample_loop(d, m, (4, 4), _key(), model_mean_type='noise'),
+      'eps, x0',
+    ),
+    'var_type': (
+      lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(), model_var_type='big'),
+      'fixedlarge',
+    ),
+    'key_batch': (
+      lambda d, m: sampling.p_sample_loop(d, m, (4, 4), jax.random.split(_key(), 2)),
+      'rng',
+    ),
+    'ddim_steps_0': (
+      lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(), num_steps=0),
+      r'\[1, 100\]',
+    ),
+    'ddim_steps_big': (
+      lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(), num_steps=101),
+      r'\[1, 100\]',
+    ),
+    'ddim_skip': (
+      lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(), skip='cubic'),
+      'uniform, quad',
+    ),
+    'ddim_eta_negative': (
+      lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(), eta=-0.1),
+      'eta',
+    ),
+    'ddim_eta_nan': (
+      lambda d, m: sampling.ddim_sample_loop(d, m, (4, 4), _key(), eta=float('nan')),
+      'eta',
+    ),
+    'respaced_steps': (
+      lambda d, m: sampling.respaced_sample_loop(d, m, (4, 4), _key(), num_steps=0),
+      r'\[1, 100\]',
+    ),
+    'every_not_divisor': (
+      lambda d, m: sampling.p_sample_loop_progressive(d, m, (4, 4), _key(), every=30),
+      r'divide T = 100.*\[1, 2, 4, 5',
+    ),
+    'every_zero': (
+      lambda d, m: sampling.p_sample_loop_progressive(d, m, (4, 4), _key(), every=0),
+      r'\[1, 100\]',
+    ),
+    'interp_t_negative': (
+      lambda d, m: sampling.interpolate(d, m, x, x, _key(), t=-1, lam=0.5),
+      r'\[0, 99\]',
+    ),
+    'interp_t_big': (
+      lambda d, m: sampling.interpolate(d, m, x, x, _key(), t=100, lam=0.5),
+      r'\[0, 99\]',
+    ),
+    'interp_t_float': (
+      lambda d, m: sampling.interpolate(d, m, x, x, _key(), t=1.5, lam=0.5),
+      r'\[0, 99\]',
+    ),
+    'interp_shapes': (
+      lambda d, m: sampling.interpolate(d, m, x, x[:2], _key(), t=5, lam=0.5),
+      'same shape',
+    ),
+    'interp_lam_2d': (
+      lambda d, m: sampling.interpolate(d, m, x, x, _key(), t=5, lam=jnp.zeros((2, 2))),
+      'lam',
+    ),
+    'pc_corrector': (
+      lambda d, m: sampling.pc_sample_loop(d, m, (4, 4), _key(), corrector_steps=-1),
+      '>= 0',
+    ),
+    'pc_snr': (lambda d, m: sampling.pc_sample_loop(d, m, (4, 4), _key(), snr=-1.0), 'snr'),
   }
   return calls
 

@@ -10,7 +10,7 @@ here too, since it only rebuilds tables.
 
 import dataclasses
 import math
-from typing import Callable, Dict, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,9 @@ B0, B1 = 1e-4, 0.02
 RTOL = 1e-12
 
 # Every [T] table of a Diffusion (timestep_map is an int table, spec is static).
-TABLE_NAMES = tuple(f.name for f in dataclasses.fields(diffusion.Diffusion)
-                    if f.name not in ('timestep_map', 'spec'))
+TABLE_NAMES = tuple(
+  f.name for f in dataclasses.fields(diffusion.Diffusion) if f.name not in ('timestep_map', 'spec')
+)
 
 
 @pytest.fixture
@@ -63,6 +64,7 @@ def _ref_warmup(percent: int) -> Callable[[int], np.ndarray]:
     k = n * percent // 100
     warm = [B0 + (B1 - B0) * i / (k - 1) for i in range(k)]
     return np.array(warm + [B1] * (n - k))
+
   return betas
 
 
@@ -71,18 +73,18 @@ def _ref_cosine(n: int) -> np.ndarray:
   return np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
 
 
-REFERENCE_BETAS: Dict[str, Callable[[int], np.ndarray]] = {
-    'linear': _ref_linear,
-    'quad': _ref_quad,
-    'const': _ref_const,
-    'jsd': _ref_jsd,
-    'warmup10': _ref_warmup(10),
-    'warmup50': _ref_warmup(50),
-    'cosine': _ref_cosine,
+REFERENCE_BETAS: dict[str, Callable[[int], np.ndarray]] = {
+  'linear': _ref_linear,
+  'quad': _ref_quad,
+  'const': _ref_const,
+  'jsd': _ref_jsd,
+  'warmup10': _ref_warmup(10),
+  'warmup50': _ref_warmup(50),
+  'cosine': _ref_cosine,
 }
 
 
-def _ref_tables(betas: np.ndarray) -> Dict[str, np.ndarray]:
+def _ref_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
   """The tables of REFERENCE.md, computed with plain float64 NumPy."""
   alphas = 1.0 - betas
   ac = np.cumprod(alphas)
@@ -90,20 +92,20 @@ def _ref_tables(betas: np.ndarray) -> Dict[str, np.ndarray]:
   post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
   with np.errstate(divide='ignore'):
     return {
-        'betas': betas,
-        'alphas_cumprod': ac,
-        'alphas_cumprod_prev': ac_prev,
-        'sqrt_alphas_cumprod': np.sqrt(ac),
-        'sqrt_one_minus_alphas_cumprod': np.sqrt(1.0 - ac),
-        'sqrt_recip_alphas_cumprod': 1.0 / np.sqrt(ac),
-        'sqrt_recipm1_alphas_cumprod': np.sqrt((1.0 - ac) / ac),
-        'posterior_variance': post_var,
-        'posterior_log_variance_clipped': np.log(np.concatenate([[post_var[1]], post_var[1:]])),
-        'posterior_mean_coef1': betas * np.sqrt(ac_prev) / (1.0 - ac),
-        'posterior_mean_coef2': (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-        'fixedlarge_variance': np.concatenate([[post_var[1]], betas[1:]]),
-        'fixedlarge_log_variance': np.log(np.concatenate([[post_var[1]], betas[1:]])),
-        'log_betas': np.log(betas),
+      'betas': betas,
+      'alphas_cumprod': ac,
+      'alphas_cumprod_prev': ac_prev,
+      'sqrt_alphas_cumprod': np.sqrt(ac),
+      'sqrt_one_minus_alphas_cumprod': np.sqrt(1.0 - ac),
+      'sqrt_recip_alphas_cumprod': 1.0 / np.sqrt(ac),
+      'sqrt_recipm1_alphas_cumprod': np.sqrt((1.0 - ac) / ac),
+      'posterior_variance': post_var,
+      'posterior_log_variance_clipped': np.log(np.concatenate([[post_var[1]], post_var[1:]])),
+      'posterior_mean_coef1': betas * np.sqrt(ac_prev) / (1.0 - ac),
+      'posterior_mean_coef2': (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+      'fixedlarge_variance': np.concatenate([[post_var[1]], betas[1:]]),
+      'fixedlarge_log_variance': np.log(np.concatenate([[post_var[1]], betas[1:]])),
+      'log_betas': np.log(betas),
     }
 
 
@@ -163,27 +165,28 @@ def test_schedule_ignores_or_uses_range(name):
 # Golden values (REFERENCE.md, linear unless named otherwise, T = 1000).
 
 GOLDEN = [
-    ('linear', 'betas', 1, 1.1991991991991993e-04),
-    ('linear', 'alphas_cumprod', 0, 0.9999),
-    ('linear', 'alphas_cumprod', 499, 0.07858724288177824),
-    ('linear', 'alphas_cumprod', 999, 4.035829765375676e-05),
-    ('linear', 'posterior_variance', 1, 5.4531876613021935e-05),
-    ('linear', 'posterior_variance', 999, 0.01999998352656061),
-    ('linear', 'posterior_log_variance_clipped', 0, -9.81672513529567),
-    ('linear', 'posterior_log_variance_clipped', 1, -9.81672513529567),
-    ('linear', 'fixedlarge_log_variance', 1, -9.028686371949341),
-    ('linear', 'log_betas', 1, -9.028686371949341),
-    ('linear', 'posterior_mean_coef1', 999, 1.2835148717224682e-04),
-    ('linear', 'posterior_mean_coef2', 999, 0.9899486782675173),
-    ('cosine', 'betas', 0, 4.128422482196914e-05),
-    ('cosine', 'alphas_cumprod', 999, 2.4287669070348567e-09),
-    ('quad', 'betas', 500, 0.005742071067688482),
-    ('quad', 'alphas_cumprod', 999, 0.0007334124595808159),
+  ('linear', 'betas', 1, 1.1991991991991993e-04),
+  ('linear', 'alphas_cumprod', 0, 0.9999),
+  ('linear', 'alphas_cumprod', 499, 0.07858724288177824),
+  ('linear', 'alphas_cumprod', 999, 4.035829765375676e-05),
+  ('linear', 'posterior_variance', 1, 5.4531876613021935e-05),
+  ('linear', 'posterior_variance', 999, 0.01999998352656061),
+  ('linear', 'posterior_log_variance_clipped', 0, -9.81672513529567),
+  ('linear', 'posterior_log_variance_clipped', 1, -9.81672513529567),
+  ('linear', 'fixedlarge_log_variance', 1, -9.028686371949341),
+  ('linear', 'log_betas', 1, -9.028686371949341),
+  ('linear', 'posterior_mean_coef1', 999, 1.2835148717224682e-04),
+  ('linear', 'posterior_mean_coef2', 999, 0.9899486782675173),
+  ('cosine', 'betas', 0, 4.128422482196914e-05),
+  ('cosine', 'alphas_cumprod', 999, 2.4287669070348567e-09),
+  ('quad', 'betas', 500, 0.005742071067688482),
+  ('quad', 'alphas_cumprod', 999, 0.0007334124595808159),
 ]
 
 
-@pytest.mark.parametrize('schedule,table,index,expected', GOLDEN,
-                         ids=[f'{s}-{n}[{i}]' for s, n, i, _ in GOLDEN])
+@pytest.mark.parametrize(
+  'schedule,table,index,expected', GOLDEN, ids=[f'{s}-{n}[{i}]' for s, n, i, _ in GOLDEN]
+)
 def test_golden_values(x64, schedule, table, index, expected):
   d = diffusion.make_diffusion(schedule, T, dtype=jnp.float64)
   values = getattr(d, table)
@@ -212,8 +215,7 @@ def test_all_tables_match_reference_formulas(x64, name):
   for table in TABLE_NAMES:
     got = getattr(d, table)
     assert got.dtype == jnp.float64, table
-    np.testing.assert_allclose(np.asarray(got), expected[table], rtol=1e-11, atol=0,
-                               err_msg=table)
+    np.testing.assert_allclose(np.asarray(got), expected[table], rtol=1e-11, atol=0, err_msg=table)
   np.testing.assert_array_equal(np.asarray(d.timestep_map), np.arange(T))
   assert d.num_timesteps == T
 
@@ -245,8 +247,9 @@ def test_float32_tables_are_cast_float64_tables(name):
 def test_float32_cumprod_is_not_accumulated_in_float32():
   d32 = diffusion.make_diffusion('linear', T)
   betas = _ref_linear(T)
-  np.testing.assert_array_equal(np.asarray(d32.alphas_cumprod),
-                                np.cumprod(1.0 - betas).astype(np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(d32.alphas_cumprod), np.cumprod(1.0 - betas).astype(np.float32)
+  )
   # The check above can tell: accumulating in float32 gives different values.
   accumulated = np.cumprod((1.0 - betas).astype(np.float32), dtype=np.float32)
   assert np.any(accumulated != np.asarray(d32.alphas_cumprod))
@@ -274,16 +277,18 @@ def test_respaced_alphas_cumprod_equal_originals(x64, name, num_steps):
   # The new betas are stored as 1 - ratio; when a ratio is tiny (cosine's last
   # kept step: 2.4e-9 / 0.03) 1 - (1 - ratio) keeps only its absolute float64
   # precision, hence the atol of a few ulps of 1.
-  np.testing.assert_allclose(np.asarray(r.alphas_cumprod),
-                             np.asarray(d.alphas_cumprod)[keep], rtol=1e-10, atol=1e-16)
+  np.testing.assert_allclose(
+    np.asarray(r.alphas_cumprod), np.asarray(d.alphas_cumprod)[keep], rtol=1e-10, atol=1e-16
+  )
   betas = np.asarray(r.betas)
   assert np.all((betas > 0) & (betas < 1))
   # The other tables follow from the new betas by the usual formulas.
   if num_steps > 1:
     expected = _ref_tables(betas)
     for table in TABLE_NAMES:
-      np.testing.assert_allclose(np.asarray(getattr(r, table)), expected[table],
-                                 rtol=1e-11, err_msg=table)
+      np.testing.assert_allclose(
+        np.asarray(getattr(r, table)), expected[table], rtol=1e-11, err_msg=table
+      )
 
 
 def test_respace_keeps_float32_dtype():
@@ -292,13 +297,15 @@ def test_respace_keeps_float32_dtype():
   assert r.alphas_cumprod.dtype == jnp.float32
   assert r.timestep_map.dtype == jnp.int32
   # Rebuilt from the float64 schedule, then cast: the kept values are bit-equal.
-  np.testing.assert_array_equal(np.asarray(r.alphas_cumprod),
-                                np.asarray(d.alphas_cumprod)[np.asarray(r.timestep_map)])
+  np.testing.assert_array_equal(
+    np.asarray(r.alphas_cumprod), np.asarray(d.alphas_cumprod)[np.asarray(r.timestep_map)]
+  )
 
 
-@pytest.mark.parametrize('num_timesteps,num_steps',
-                         [(1000, 2), (1000, 10), (1000, 250), (1000, 999), (1000, 1000),
-                          (50, 7), (4000, 100)])
+@pytest.mark.parametrize(
+  'num_timesteps,num_steps',
+  [(1000, 2), (1000, 10), (1000, 250), (1000, 999), (1000, 1000), (50, 7), (4000, 100)],
+)
 def test_space_timesteps_keeps_ends(num_timesteps, num_steps):
   keep = diffusion.space_timesteps(num_timesteps, num_steps)
   assert keep.shape == (num_steps,)
@@ -311,8 +318,9 @@ def test_space_timesteps_keeps_ends(num_timesteps, num_steps):
 
 
 def test_space_timesteps_known_values():
-  np.testing.assert_array_equal(diffusion.space_timesteps(1000, 10),
-                                [0, 111, 222, 333, 444, 555, 666, 777, 888, 999])
+  np.testing.assert_array_equal(
+    diffusion.space_timesteps(1000, 10), [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+  )
   np.testing.assert_array_equal(diffusion.space_timesteps(1000, 1), [999])
 
 
@@ -351,8 +359,9 @@ def test_unknown_schedule_lists_valid_choices():
 
 
 @pytest.mark.parametrize('name', ['linear', 'quad', 'const', 'warmup10'])
-@pytest.mark.parametrize('beta_start,beta_end',
-                         [(0.0, 0.02), (-1e-4, 0.02), (0.02, 1e-4), (1e-4, 1.0), (1e-4, 1.5)])
+@pytest.mark.parametrize(
+  'beta_start,beta_end', [(0.0, 0.02), (-1e-4, 0.02), (0.02, 1e-4), (1e-4, 1.0), (1e-4, 1.5)]
+)
 def test_invalid_beta_range(name, beta_start, beta_end):
   with pytest.raises(ValueError, match='beta_start'):
     diffusion.make_diffusion(name, 100, beta_start=beta_start, beta_end=beta_end)

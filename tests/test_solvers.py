@@ -30,8 +30,8 @@ def _model_pair(d, prediction):
     eps = tanh(x) * (0.3 + 0.5 * a) + 0.1 * x
     if prediction == 'eps':
       return eps
-    x0 = (x - (1 - a)**0.5 * eps) / a**0.5
-    return x0 if prediction == 'x0' else a**0.5 * eps - (1 - a)**0.5 * x0
+    x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+    return x0 if prediction == 'x0' else a**0.5 * eps - (1 - a) ** 0.5 * x0
 
   def jax_fn(x, t):
     return output(x, jnp.take(jnp.asarray(table), t).reshape(-1, 1, 1, 1), jnp.tanh)
@@ -43,9 +43,12 @@ def _model_pair(d, prediction):
 
 
 def _diffusers_samples(solver, d, order, num_steps, prediction, torch_fn, x_T):
-  kwargs = dict(num_train_timesteps=d.num_timesteps, trained_betas=np.asarray(d.betas),
-                solver_order=order,
-                prediction_type={'eps': 'epsilon', 'x0': 'sample', 'v': 'v_prediction'}[prediction])
+  kwargs = dict(
+    num_train_timesteps=d.num_timesteps,
+    trained_betas=np.asarray(d.betas),
+    solver_order=order,
+    prediction_type={'eps': 'epsilon', 'x0': 'sample', 'v': 'v_prediction'}[prediction],
+  )
   if solver == 'dpm_solver':
     scheduler = diffusers.DPMSolverMultistepScheduler(algorithm_type='dpmsolver++', **kwargs)
   else:
@@ -58,9 +61,19 @@ def _diffusers_samples(solver, d, order, num_steps, prediction, torch_fn, x_T):
 
 
 def _ours(solver, d, jax_fn, order, num_steps, prediction, x_T, **kwargs):
-  fn = jax.jit(lambda x: SOLVERS[solver](d, jax_fn, SHAPE, None, num_steps=num_steps,
-                                         order=order, x_T=x, model_mean_type=prediction,
-                                         **kwargs))
+  fn = jax.jit(
+    lambda x: SOLVERS[solver](
+      d,
+      jax_fn,
+      SHAPE,
+      None,
+      num_steps=num_steps,
+      order=order,
+      x_T=x,
+      model_mean_type=prediction,
+      **kwargs,
+    )
+  )
   return np.asarray(fn(x_T))
 
 
@@ -86,8 +99,9 @@ def test_equals_diffusers_for_x0_and_v_models(solver, prediction):
   jax_fn, torch_fn = _model_pair(d, prediction)
   x_T = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
   want = _diffusers_samples(solver, d, 2, 10, prediction, torch_fn, x_T)
-  np.testing.assert_allclose(_ours(solver, d, jax_fn, 2, 10, prediction, x_T), want,
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    _ours(solver, d, jax_fn, 2, 10, prediction, x_T), want, rtol=1e-4, atol=1e-4
+  )
 
 
 @pytest.mark.parametrize('solver', sorted(SOLVERS))
@@ -108,8 +122,11 @@ def test_learned_variance_uses_only_the_mean_channels(solver):
   x_T = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
   with_variance = lambda x, t: jnp.concatenate([jax_fn(x, t), 5.0 + x], axis=-1)
   plain = _ours(solver, d, jax_fn, 2, 8, 'eps', x_T)
-  learned = np.asarray(SOLVERS[solver](d, with_variance, SHAPE, None, num_steps=8, x_T=x_T,
-                                       model_var_type='learned_range'))
+  learned = np.asarray(
+    SOLVERS[solver](
+      d, with_variance, SHAPE, None, num_steps=8, x_T=x_T, model_var_type='learned_range'
+    )
+  )
   np.testing.assert_allclose(learned, plain, rtol=1e-6, atol=1e-6)
 
 
@@ -125,8 +142,11 @@ def _linear_logsnr_process(num_timesteps=1000):
   alphas_cumprod = 1.0 / (1.0 + np.exp(-2.0 * half_logsnr))
   betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
   tables = {k: jnp.asarray(v) for k, v in diffusion._tables_from_betas(betas).items()}
-  return diffusion.Diffusion(**tables, timestep_map=jnp.arange(num_timesteps, dtype=jnp.int32),
-                             spec=diffusion.ScheduleSpec('linear', num_timesteps, 1e-4, 0.02))
+  return diffusion.Diffusion(
+    **tables,
+    timestep_map=jnp.arange(num_timesteps, dtype=jnp.int32),
+    spec=diffusion.ScheduleSpec('linear', num_timesteps, 1e-4, 0.02),
+  )
 
 
 def _gaussian_solver_errors(solver, order, step_counts):
@@ -142,8 +162,9 @@ def _gaussian_solver_errors(solver, order, step_counts):
   exact = jnp.sqrt(a_0) * MU + jnp.sqrt(a_0 * S**2 + 1 - a_0) * score
   errors = []
   for num_steps in step_counts:
-    x = SOLVERS[solver](d, exact_eps, x_T.shape, None, num_steps=num_steps, order=order,
-                        x_T=x_T, final_sigma='min')
+    x = SOLVERS[solver](
+      d, exact_eps, x_T.shape, None, num_steps=num_steps, order=order, x_T=x_T, final_sigma='min'
+    )
     errors.append(float(jnp.abs(x - exact).max()))
   return np.asarray(errors)
 
@@ -151,9 +172,17 @@ def _gaussian_solver_errors(solver, order, step_counts):
 # The global order: DPM-Solver++ k has order k; UniPC's corrector adds one.
 # Order 3 starts with a first- and a second-order step (there are no earlier
 # predictions yet), which limits both to a global order of about 2.
-@pytest.mark.parametrize('solver, order, expected', [
-    ('dpm_solver', 1, 1), ('dpm_solver', 2, 2), ('dpm_solver', 3, 2),
-    ('unipc', 1, 2), ('unipc', 2, 3), ('unipc', 3, 2)])
+@pytest.mark.parametrize(
+  'solver, order, expected',
+  [
+    ('dpm_solver', 1, 1),
+    ('dpm_solver', 2, 2),
+    ('dpm_solver', 3, 2),
+    ('unipc', 1, 2),
+    ('unipc', 2, 3),
+    ('unipc', 3, 2),
+  ],
+)
 def test_converges_to_the_gaussian_ode_solution_at_its_order(solver, order, expected):
   with jax.enable_x64(True):
     errors = _gaussian_solver_errors(solver, order, (40, 80, 160))
@@ -171,8 +200,7 @@ def test_compiles_once_and_works_under_vmap(solver):
     traces.append(1)
     return 0.1 * x
 
-  fn = jax.jit(functools.partial(SOLVERS[solver], d, model_fn, (2, 3, 3, 1), num_steps=6,
-                                 order=3))
+  fn = jax.jit(functools.partial(SOLVERS[solver], d, model_fn, (2, 3, 3, 1), num_steps=6, order=3))
   first = fn(jax.random.key(0))
   second = fn(jax.random.key(1))
   assert len(traces) == 1 and not np.allclose(first, second)
@@ -199,15 +227,18 @@ def test_clipping_and_dynamic_thresholding_bound_the_prediction():
   np.testing.assert_allclose(raw, 4.0 * x_T, rtol=1e-6)
   clipped = sampling.dpm_solver_sample_loop(d, x0_model, SHAPE, None, clip_denoised=True, **kwargs)
   np.testing.assert_allclose(clipped, np.clip(4.0 * x_T, -1, 1))
-  thresholded = np.asarray(sampling.unipc_sample_loop(d, x0_model, SHAPE, None,
-                                                      dynamic_threshold=0.9, **kwargs))
+  thresholded = np.asarray(
+    sampling.unipc_sample_loop(d, x0_model, SHAPE, None, dynamic_threshold=0.9, **kwargs)
+  )
   flat = np.abs(4.0 * x_T).reshape(SHAPE[0], -1)
   s = np.maximum(np.quantile(flat, 0.9, axis=1), 1.0).reshape(-1, 1, 1, 1)
   np.testing.assert_allclose(thresholded, np.clip(4.0 * x_T, -s, s) / s, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('solver', sorted(SOLVERS))
-@pytest.mark.parametrize('kwargs, message', [
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
     (dict(order=0), 'order must be one of'),
     (dict(order=4), 'order must be one of'),
     (dict(num_steps=0), r'num_steps must be an integer in \[1, 100\]'),
@@ -218,7 +249,8 @@ def test_clipping_and_dynamic_thresholding_bound_the_prediction():
     (dict(dynamic_threshold=0.0), r'dynamic_threshold must be a quantile in \(0, 1\]'),
     (dict(x_T=np.zeros((2, 3, 3, 1), np.float32)), r'x_T must have the sample shape'),
     (dict(x_T=np.zeros(SHAPE, np.int32)), 'x_T must be a float array'),
-])
+  ],
+)
 def test_bad_input_is_a_clear_error(solver, kwargs, message):
   d = diffusion.make_diffusion('linear', 100)
   with pytest.raises(ValueError, match=message):
@@ -235,12 +267,13 @@ def test_no_key_and_no_x_T_is_a_clear_error():
 # x_T for every sampler, and the two sampling fixes.
 
 ANCESTRAL = {
-    'p_sample_loop': sampling.p_sample_loop,
-    'p_sample_loop_progressive': lambda *a, **k: sampling.p_sample_loop_progressive(
-        *a, every=10, **k)[0],
-    'ddim_sample_loop': functools.partial(sampling.ddim_sample_loop, num_steps=5),
-    'respaced_sample_loop': functools.partial(sampling.respaced_sample_loop, num_steps=5),
-    'pc_sample_loop': sampling.pc_sample_loop,
+  'p_sample_loop': sampling.p_sample_loop,
+  'p_sample_loop_progressive': lambda *a, **k: sampling.p_sample_loop_progressive(
+    *a, every=10, **k
+  )[0],
+  'ddim_sample_loop': functools.partial(sampling.ddim_sample_loop, num_steps=5),
+  'respaced_sample_loop': functools.partial(sampling.respaced_sample_loop, num_steps=5),
+  'pc_sample_loop': sampling.pc_sample_loop,
 }
 
 
@@ -269,8 +302,9 @@ def test_ddim_makes_exactly_the_model_calls_asked_for(num_steps):
 
   for skip in sampling.DDIM_SKIP_TYPES:
     calls.clear()
-    sampling.ddim_sample_loop(d, model_fn, (1, 2, 2, 1), jax.random.key(0), num_steps=num_steps,
-                              skip=skip).block_until_ready()
+    sampling.ddim_sample_loop(
+      d, model_fn, (1, 2, 2, 1), jax.random.key(0), num_steps=num_steps, skip=skip
+    ).block_until_ready()
     assert len(calls) == num_steps, skip
     assert len(sampling.ddim_timesteps(100, num_steps, skip)) == num_steps
 
@@ -286,8 +320,7 @@ def test_respaced_xprev_model_is_read_with_the_full_process():
     t = dr.timestep_map[i]
     x_t = diffusion.q_sample(d, x0, t, noise)
     xprev = diffusion.q_posterior(d, x0, x_t, t)[0]  # A perfect xprev model of the full process.
-    out = diffusion.p_mean_variance(dr, xprev, x_t, i, model_mean_type='xprev',
-                                    clip_denoised=False)
+    out = diffusion.p_mean_variance(dr, xprev, x_t, i, model_mean_type='xprev', clip_denoised=False)
     np.testing.assert_allclose(out['pred_x0'], x0, atol=1e-10)
     # The respaced step's mean is the respaced posterior's at that x_0.
     np.testing.assert_allclose(out['mean'], diffusion.q_posterior(dr, x0, x_t, i)[0], atol=1e-10)
@@ -300,7 +333,9 @@ def test_respaced_xprev_model_is_read_with_the_full_process():
     key = jax.random.key(0)
     kw = dict(num_steps=10, clip_denoised=False)
     np.testing.assert_allclose(
-        sampling.respaced_sample_loop(d, perfect_xprev, (2, 4, 4, 1), key,
-                                      model_mean_type='xprev', **kw),
-        sampling.respaced_sample_loop(d, perfect_x0, (2, 4, 4, 1), key, model_mean_type='x0',
-                                      **kw), atol=1e-8)
+      sampling.respaced_sample_loop(
+        d, perfect_xprev, (2, 4, 4, 1), key, model_mean_type='xprev', **kw
+      ),
+      sampling.respaced_sample_loop(d, perfect_x0, (2, 4, 4, 1), key, model_mean_type='x0', **kw),
+      atol=1e-8,
+    )

@@ -65,21 +65,22 @@ def test_resumed_run_equals_uninterrupted_run(data_dirs, tmp_path):
 
 
 def test_steps_per_call_matches_single_steps(data_dirs, tmp_path):
-  config = make_config(data_dirs, num_train_steps=4, sample_every_steps=0,
-                       checkpoint_every_steps=4, log_every_steps=4)
+  config = make_config(
+    data_dirs, num_train_steps=4, sample_every_steps=0, checkpoint_every_steps=4, log_every_steps=4
+  )
   train.train_and_evaluate(config, str(tmp_path / 'k1'))
   config.training.steps_per_call = 2
   train.train_and_evaluate(config, str(tmp_path / 'k2'))
   a, b = params_of(str(tmp_path / 'k1'), config), params_of(str(tmp_path / 'k2'), config)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-               a.params, b.params)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), a.params, b.params
+  )
 
 
 def _tiny_state_and_batch(config, batch_size):
   model, d, image_shape = inference.build_model_and_diffusion(config)
   state = train_state_lib.create_train_state(model, config, jax.random.key(0), image_shape)
-  images = jax.random.uniform(jax.random.key(1), (2, batch_size) + image_shape, minval=-1,
-                              maxval=1)
+  images = jax.random.uniform(jax.random.key(1), (2, batch_size) + image_shape, minval=-1, maxval=1)
   return state, d, {'image': images}
 
 
@@ -92,14 +93,18 @@ def test_four_devices_match_one_device(data_dirs):
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     mesh = sharding_lib.make_mesh(devices)
     rep = sharding_lib.replicated(mesh)
-    fn = jax.jit(step, in_shardings=(rep, sharding_lib.batch_sharded(mesh, 1), rep),
-                 out_shardings=(rep, rep))
+    fn = jax.jit(
+      step, in_shardings=(rep, sharding_lib.batch_sharded(mesh, 1), rep), out_shardings=(rep, rep)
+    )
     placed = jax.device_put(batches, sharding_lib.batch_sharded(mesh, 1))
     new_state, metrics = fn(jax.device_put(state, rep), placed, jax.random.key(7))
     results.append((jax.device_get(new_state.params), jax.device_get(metrics['loss'])))
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
-               results[0][0], results[1][0])
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+    results[0][0],
+    results[1][0],
+  )
 
 
 def test_loss_falls(data_dirs):
@@ -129,8 +134,11 @@ def test_nonfinite_step_is_skipped(data_dirs):
   skipped, metrics = fn(state, {'image': poisoned[:1]}, jax.random.key(3))
   assert float(metrics['finite'][0]) == 0.0
   assert int(skipped.step) == 1 and int(skipped.nonfinite_in_a_row) == 1
-  for before, after in ((state.params, skipped.params), (state.opt_state, skipped.opt_state),
-                        (state.ema_params, skipped.ema_params)):
+  for before, after in (
+    (state.params, skipped.params),
+    (state.opt_state, skipped.opt_state),
+    (state.ema_params, skipped.ema_params),
+  ):
     jax.tree.map(np.testing.assert_array_equal, before, after)
   # A finite step afterwards is applied and resets the counter.
   applied, metrics = fn(skipped, {'image': batches['image'][1:]}, jax.random.key(3))

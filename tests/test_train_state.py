@@ -12,25 +12,43 @@ from ddpm_jax.kernels import adam as adam_kernel
 
 
 def _optim(grad_clip, warmup_steps=3, ema_warmup=False):
-  return ml_collections.ConfigDict(dict(
-      learning_rate=2e-4, warmup_steps=warmup_steps, beta1=0.9, beta2=0.999, eps=1e-8,
-      grad_clip=grad_clip, ema_decay=0.9, ema_warmup=ema_warmup))
+  return ml_collections.ConfigDict(
+    dict(
+      learning_rate=2e-4,
+      warmup_steps=warmup_steps,
+      beta1=0.9,
+      beta2=0.999,
+      eps=1e-8,
+      grad_clip=grad_clip,
+      ema_decay=0.9,
+      ema_warmup=ema_warmup,
+    )
+  )
 
 
 def _state(optim):
   keys = jax.random.split(jax.random.key(0), 3)
-  params = {'conv': {'kernel': jax.random.normal(keys[0], (3, 3, 4, 8)),
-                     'bias': jnp.zeros((8,))},
-            'dense': {'kernel': 0.1 * jax.random.normal(keys[1], (8, 5))}}
+  params = {
+    'conv': {'kernel': jax.random.normal(keys[0], (3, 3, 4, 8)), 'bias': jnp.zeros((8,))},
+    'dense': {'kernel': 0.1 * jax.random.normal(keys[1], (8, 5))},
+  }
   return ts.TrainState.create(
-      apply_fn=None, params=params, tx=ts.make_optimizer(optim),
-      ema_params=jax.tree.map(jnp.copy, params), nonfinite_in_a_row=jnp.zeros((), jnp.int32))
+    apply_fn=None,
+    params=params,
+    tx=ts.make_optimizer(optim),
+    ema_params=jax.tree.map(jnp.copy, params),
+    nonfinite_in_a_row=jnp.zeros((), jnp.int32),
+  )
 
 
 def _reference_step(state, grads, optim):
   """optax's chain (clipping, then Adam with the warm-up schedule), then the EMA."""
-  adam = optax.adam(optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
-                    b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+  adam = optax.adam(
+    optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
+    b1=optim.beta1,
+    b2=optim.beta2,
+    eps=optim.eps,
+  )
   tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam) if optim.grad_clip else adam
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -41,21 +59,26 @@ def _reference_step(state, grads, optim):
 
 def _grads(step, state, scale):
   keys = jax.random.split(jax.random.key(step + 1), 3)
-  return jax.tree.map(lambda p, k: scale * jax.random.normal(k, p.shape), state.params,
-                      {'conv': {'kernel': keys[0], 'bias': keys[1]}, 'dense': {'kernel': keys[2]}})
+  return jax.tree.map(
+    lambda p, k: scale * jax.random.normal(k, p.shape),
+    state.params,
+    {'conv': {'kernel': keys[0], 'bias': keys[1]}, 'dense': {'kernel': keys[2]}},
+  )
 
 
-@pytest.mark.parametrize('grad_clip, grad_scale, ema_warmup', [
-    (1.0, 10.0, False),   # clipping active on every step
-    (1.0, 1e-3, True),    # clipping inactive; EMA warm-up
-    (0.0, 1.0, False),    # no clipping: adam alone in the chain
-])
+@pytest.mark.parametrize(
+  'grad_clip, grad_scale, ema_warmup',
+  [
+    (1.0, 10.0, False),  # clipping active on every step
+    (1.0, 1e-3, True),  # clipping inactive; EMA warm-up
+    (0.0, 1.0, False),  # no clipping: adam alone in the chain
+  ],
+)
 def test_update_equals_optax_chain_and_ema(grad_clip, grad_scale, ema_warmup):
   optim = _optim(grad_clip, ema_warmup=ema_warmup)
   reference = ours = _state(optim)
   reference_step = jax.jit(lambda s, g: _reference_step(s, g, optim))
-  our_step = jax.jit(lambda s, g: ts.update_state(s, g, optax.tree.norm(g), jnp.array(True),
-                                                     optim))
+  our_step = jax.jit(lambda s, g: ts.update_state(s, g, optax.tree.norm(g), jnp.array(True), optim))
   # Through the learning-rate warm-up (3 steps) and beyond; bias corrections
   # change every step.
   for step in range(6):
@@ -65,21 +88,24 @@ def test_update_equals_optax_chain_and_ema(grad_clip, grad_scale, ema_warmup):
     for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
       assert got.dtype == want.dtype
       if jnp.issubdtype(want.dtype, jnp.integer):
-        np.testing.assert_array_equal(got, want)   # step, the optax counts, nonfinite_in_a_row
+        np.testing.assert_array_equal(got, want)  # step, the optax counts, nonfinite_in_a_row
       else:
-        np.testing.assert_allclose(got, want, rtol=0,
-                                   atol=2e-6 * max(float(np.abs(want).max()), 1e-30))
+        np.testing.assert_allclose(
+          got, want, rtol=0, atol=2e-6 * max(float(np.abs(want).max()), 1e-30)
+        )
   # The parameters did move (a no-op update would also match a no-op).
-  assert float(jnp.abs(ours.params['dense']['kernel'] - _state(optim).params['dense']['kernel'])
-               .max()) > 1e-4
+  assert (
+    float(jnp.abs(ours.params['dense']['kernel'] - _state(optim).params['dense']['kernel']).max())
+    > 1e-4
+  )
 
 
 def test_nonfinite_update_changes_only_the_counters():
   optim = _optim(1.0)
   state = _state(optim)
-  skipped = jax.jit(lambda s, g: ts.update_state(s, g, jnp.float32(jnp.nan), jnp.array(False),
-                                                   optim))(
-      state, _grads(0, state, 1.0))
+  skipped = jax.jit(
+    lambda s, g: ts.update_state(s, g, jnp.float32(jnp.nan), jnp.array(False), optim)
+  )(state, _grads(0, state, 1.0))
   assert int(skipped.step) == 1 and int(skipped.nonfinite_in_a_row) == 1
   for name in ('params', 'opt_state', 'ema_params'):
     jax.tree.map(np.testing.assert_array_equal, getattr(skipped, name), getattr(state, name))
@@ -91,8 +117,13 @@ def test_optimizer_has_optax_chains_state_and_computes_a_missing_norm(grad_clip)
   optim = _optim(grad_clip)
   params = _state(optim).params
   ours = ts.make_optimizer(optim)
-  chain = adam_kernel.reference(ts.learning_rate_schedule(optim), b1=optim.beta1,
-                                b2=optim.beta2, eps=optim.eps, max_norm=optim.grad_clip)
+  chain = adam_kernel.reference(
+    ts.learning_rate_schedule(optim),
+    b1=optim.beta1,
+    b2=optim.beta2,
+    eps=optim.eps,
+    max_norm=optim.grad_clip,
+  )
   assert jax.tree.structure(ours.init(params)) == jax.tree.structure(chain.init(params))
   grads = jax.tree.map(lambda p: 10.0 * jnp.ones_like(p), params)
   state = ours.init(params)

@@ -23,8 +23,7 @@ TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
 def _init_shapes(model, size, channels=3):
   x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  return jax.eval_shape(
-      lambda x, t: model.init(jax.random.key(0), x, t, train=False), x, t)
+  return jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t, train=False), x, t)
 
 
 def _num_params(variables):
@@ -34,14 +33,15 @@ def _num_params(variables):
 # Model initialisation is dominated by compiling the per-parameter RNG code,
 # which gains nothing from optimisation: compiling it at XLA's lowest backend
 # optimisation level makes it several times faster.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+_FAST_COMPILE = {'xla_backend_optimization_level': 0}
 _APPLY_CACHE = {}
 
 
 def _init(model, x, t):
   """Real (jitted) initialisation with the model's own initialisers."""
-  init = jax.jit(lambda x, t: model.init(jax.random.key(0), x, t, train=False),
-                 compiler_options=_FAST_COMPILE)
+  init = jax.jit(
+    lambda x, t: model.init(jax.random.key(0), x, t, train=False), compiler_options=_FAST_COMPILE
+  )
   return init(x, t)
 
 
@@ -49,7 +49,7 @@ def _apply(model, variables, x, t, train=False, rng=None):
   """Jitted apply, compiled once per (model, train) and reused across tests."""
   if (model, train) not in _APPLY_CACHE:
     _APPLY_CACHE[model, train] = jax.jit(functools.partial(model.apply, train=train))
-  rngs = None if rng is None else {"dropout": rng}
+  rngs = None if rng is None else {'dropout': rng}
   return _APPLY_CACHE[model, train](variables, x, t, rngs=rngs)
 
 
@@ -58,51 +58,53 @@ def _perturbed(params, seed, scale=0.05):
   outputs depend on every part of the network (NumPy, so nothing compiles)."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape, np.float32)),
-      params)
+    lambda p: jnp.asarray(np.asarray(p) + scale * rng.standard_normal(p.shape, np.float32)), params
+  )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def tiny():
   """A tiny fp32 U-Net at 16x16: fresh variables and perturbed parameters."""
   model = UNet(**TINY, dropout=0.1)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   t = jnp.array([3, 700], jnp.int32)
   variables = _init(model, x, t)
-  params = _perturbed(variables["params"], seed=2)
+  params = _perturbed(variables['params'], seed=2)
   return dict(model=model, variables=variables, params=params, x=x, t=t)
 
 
 @pytest.mark.parametrize(
-    "ch_mult,size,in_ch,out_ch",
-    [
-        ((1, 2), 8, 1, 1),
-        ((1, 2), 16, 3, 6),
-        ((1, 2), 32, 1, 3),
-        ((1, 2, 2), 8, 3, 3),
-        ((1, 2, 2), 16, 1, 6),
-        ((1, 2, 2), 32, 3, 6),
-        ((1, 2, 2), 32, 1, 1),
-        ((1, 2, 2, 2), 16, 3, 3),
-    ])
+  'ch_mult,size,in_ch,out_ch',
+  [
+    ((1, 2), 8, 1, 1),
+    ((1, 2), 16, 3, 6),
+    ((1, 2), 32, 1, 3),
+    ((1, 2, 2), 8, 3, 3),
+    ((1, 2, 2), 16, 1, 6),
+    ((1, 2, 2), 32, 3, 6),
+    ((1, 2, 2), 32, 1, 1),
+    ((1, 2, 2, 2), 16, 3, 3),
+  ],
+)
 def test_output_shape_and_dtype(ch_mult, size, in_ch, out_ch):
-  model = UNet(ch=32, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=(8,),
-               out_ch=out_ch)
+  model = UNet(ch=32, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=(8,), out_ch=out_ch)
   x = jax.ShapeDtypeStruct((2, size, size, in_ch), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
   out, _ = jax.eval_shape(
-      lambda x, t: model.init_with_output(jax.random.key(0), x, t, train=False), x, t)
+    lambda x, t: model.init_with_output(jax.random.key(0), x, t, train=False), x, t
+  )
   assert out.shape == (2, size, size, out_ch)
   assert out.dtype == jnp.float32
 
 
 @pytest.mark.parametrize(
-    "kwargs,size,expected",
-    [
-        (dict(), 32, 35_746_307),  # CIFAR-10, eps output
-        (dict(out_ch=6), 32, 35_749_766),  # CIFAR-10, learned variance
-        (dict(ch_mult=(1, 1, 2, 2, 4, 4)), 256, 113_673_219),  # CelebA-HQ/LSUN
-    ])
+  'kwargs,size,expected',
+  [
+    (dict(), 32, 35_746_307),  # CIFAR-10, eps output
+    (dict(out_ch=6), 32, 35_749_766),  # CIFAR-10, learned variance
+    (dict(ch_mult=(1, 1, 2, 2, 4, 4)), 256, 113_673_219),  # CelebA-HQ/LSUN
+  ],
+)
 def test_exact_parameter_counts(kwargs, size, expected):
   assert _num_params(_init_shapes(UNet(**kwargs), size)) == expected
 
@@ -110,25 +112,32 @@ def test_exact_parameter_counts(kwargs, size, expected):
 def test_attention_placed_at_given_resolution():
   # 32x32 with ch_mult (1, 2, 2): levels at 32, 16, 8; attention at 16 only
   # (and always in the middle), after every res block of that level.
-  params = _init_shapes(UNet(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                             attn_resolutions=(16,)), 32)["params"]
-  attn = sorted(k for k in params if "attn" in k)
-  assert attn == ["down_1_attn_0", "down_1_attn_1", "mid_attn_1",
-                  "up_1_attn_0", "up_1_attn_1", "up_1_attn_2"]
+  params = _init_shapes(
+    UNet(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,)), 32
+  )['params']
+  attn = sorted(k for k in params if 'attn' in k)
+  assert attn == [
+    'down_1_attn_0',
+    'down_1_attn_1',
+    'mid_attn_1',
+    'up_1_attn_0',
+    'up_1_attn_1',
+    'up_1_attn_2',
+  ]
 
 
 def test_initialisation_scales(tiny):
   """Kernels follow variance scaling (fan_avg, uniform); the residual branch
   ends, attention output and final conv use scale 1e-10; biases are 0."""
-  params = tiny["variables"]["params"]
-  zero_layers = {"conv2", "proj_out", "conv_out"}
+  params = tiny['variables']['params']
+  zero_layers = {'conv2', 'proj_out', 'conv_out'}
   checked_zero = checked_default = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     names = [p.key for p in path]
     leaf = np.asarray(leaf)
-    if names[-1] == "bias":
+    if names[-1] == 'bias':
       np.testing.assert_array_equal(leaf, 0.0)
-    elif names[-1] == "kernel":
+    elif names[-1] == 'kernel':
       receptive = math.prod(leaf.shape[:-2])
       fan_avg = 0.5 * receptive * (leaf.shape[-2] + leaf.shape[-1])
       scale = 1e-10 if names[-2] in zero_layers else 1.0
@@ -140,7 +149,7 @@ def test_initialisation_scales(tiny):
         checked_default += 1
       else:
         checked_zero += 1
-    elif names[-1] == "scale":  # GroupNorm
+    elif names[-1] == 'scale':  # GroupNorm
       np.testing.assert_array_equal(leaf, 1.0)
   # 8 res blocks (2 down, 2 middle, 4 up: conv2), 4 attention blocks
   # (proj_out: 1 down, 1 middle, 2 up) and conv_out.
@@ -152,25 +161,25 @@ def test_fresh_model_outputs_near_zero(tiny):
   # The zero init is scale 1e-10, not exactly 0: with unit-scale activations
   # the output is O(1e-5) (the original TF model behaves the same), far
   # below the O(1) targets the network learns.
-  x = 3.0 * tiny["x"]
-  out = _apply(tiny["model"], tiny["variables"], x, jnp.array([0, 999], jnp.int32))
+  x = 3.0 * tiny['x']
+  out = _apply(tiny['model'], tiny['variables'], x, jnp.array([0, 999], jnp.int32))
   assert np.abs(x).max() > 3.0
   assert np.abs(out).max() < 1e-4
   # The perturbed model is far from zero, so the bound above is not vacuous.
-  out = _apply(tiny["model"], {"params": tiny["params"]}, x, tiny["t"])
+  out = _apply(tiny['model'], {'params': tiny['params']}, x, tiny['t'])
   assert np.abs(out).max() > 1e-2
 
 
 def test_output_depends_on_timestep(tiny):
-  model, params, x = tiny["model"], tiny["params"], tiny["x"]
-  a = _apply(model, {"params": params}, x, jnp.array([0, 0]))
-  b = _apply(model, {"params": params}, x, jnp.array([500, 500]))
+  model, params, x = tiny['model'], tiny['params'], tiny['x']
+  a = _apply(model, {'params': params}, x, jnp.array([0, 0]))
+  b = _apply(model, {'params': params}, x, jnp.array([500, 500]))
   assert np.abs(a - b).max() > 1e-3
 
 
 def test_dropout_active_only_in_training(tiny):
-  model, params, x, t = (tiny[k] for k in ("model", "params", "x", "t"))
-  v = {"params": params}
+  model, params, x, t = (tiny[k] for k in ('model', 'params', 'x', 't'))
+  v = {'params': params}
   eval1 = _apply(model, v, x, t)
   eval2 = _apply(model, v, x, t)
   np.testing.assert_array_equal(eval1, eval2)
@@ -180,30 +189,32 @@ def test_dropout_active_only_in_training(tiny):
 
   def train(seed):
     return _apply(model, v, x, t, train=True, rng=jax.random.key(seed))
+
   np.testing.assert_array_equal(train(0), train(0))
   assert np.abs(train(0) - train(1)).max() > 1e-3
   assert np.abs(train(0) - eval1).max() > 1e-3
 
 
 def test_bf16_compute_gives_close_float32_output(tiny):
-  model, params, x, t = (tiny[k] for k in ("model", "params", "x", "t"))
-  fp32 = _apply(model, {"params": params}, x, t)
+  model, params, x, t = (tiny[k] for k in ('model', 'params', 'x', 't'))
+  fp32 = _apply(model, {'params': params}, x, t)
   bf16_model = UNet(**TINY, dropout=0.1, dtype=jnp.bfloat16)
-  bf16 = _apply(bf16_model, {"params": params}, x, t)
+  bf16 = _apply(bf16_model, {'params': params}, x, t)
   assert bf16.dtype == jnp.float32
   rel = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
   assert 0.0 < rel < 0.05
 
 
 @pytest.mark.parametrize(
-    "kwargs,shape,match",
-    [
-        (dict(ch_mult=(1, 2, 2)), (1, 10, 10, 3), "divisible by 4"),
-        (dict(ch_mult=(1, 2)), (1, 16, 15, 3), "divisible by 2"),
-        (dict(ch_mult=(1, 2)), (1, 16, 8, 3), "square"),
-        (dict(ch=48, ch_mult=(1, 2)), (1, 16, 16, 3), "GroupNorm groups"),
-        (dict(ch_mult=(1, 2)), (16, 16, 3), "NHWC"),
-    ])
+  'kwargs,shape,match',
+  [
+    (dict(ch_mult=(1, 2, 2)), (1, 10, 10, 3), 'divisible by 4'),
+    (dict(ch_mult=(1, 2)), (1, 16, 15, 3), 'divisible by 2'),
+    (dict(ch_mult=(1, 2)), (1, 16, 8, 3), 'square'),
+    (dict(ch=48, ch_mult=(1, 2)), (1, 16, 16, 3), 'GroupNorm groups'),
+    (dict(ch_mult=(1, 2)), (16, 16, 3), 'NHWC'),
+  ],
+)
 def test_bad_inputs_raise(kwargs, shape, match):
   model = UNet(**{**TINY, **kwargs})
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -216,7 +227,7 @@ def test_timestep_shape_must_match_batch():
   model = UNet(**TINY)
   x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((3,), jnp.int32)
-  with pytest.raises(ValueError, match=r"t must have shape"):
+  with pytest.raises(ValueError, match=r't must have shape'):
     jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t, train=False), x, t)
 
 
@@ -225,7 +236,8 @@ def test_non_square_allowed_without_attention():
   x = jax.ShapeDtypeStruct((1, 16, 8, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   out, _ = jax.eval_shape(
-      lambda x, t: model.init_with_output(jax.random.key(0), x, t, train=False), x, t)
+    lambda x, t: model.init_with_output(jax.random.key(0), x, t, train=False), x, t
+  )
   assert out.shape == (1, 16, 8, 3)
 
 
@@ -250,35 +262,51 @@ def test_upsample_nearest2x_matches_repeat():
 
 
 def test_resampling_without_conv_has_no_resampling_params():
-  model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               resamp_with_conv=False)
+  model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resamp_with_conv=False)
   x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   out, variables = jax.eval_shape(
-      lambda x, t: model.init_with_output(jax.random.key(0), x, t, train=False), x, t)
+    lambda x, t: model.init_with_output(jax.random.key(0), x, t, train=False), x, t
+  )
   assert out.shape == (1, 8, 8, 3)
-  assert not [k for k in variables["params"] if "sample" in k]
-  with_conv = _init_shapes(UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                                attn_resolutions=()), 8, 1)["params"]
-  assert sorted(k for k in with_conv if "sample" in k) == ["down_0_downsample", "up_1_upsample"]
+  assert not [k for k in variables['params'] if 'sample' in k]
+  with_conv = _init_shapes(
+    UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=()), 8, 1
+  )['params']
+  assert sorted(k for k in with_conv if 'sample' in k) == ['down_0_downsample', 'up_1_upsample']
 
 
 def _model_config(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
-      ch=64, ch_mult=(1, 2, 2), num_res_blocks=3, attn_resolutions=(8, 4),
-      dropout=0.2, resamp_with_conv=False, dtype="bfloat16"))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      ch=64,
+      ch_mult=(1, 2, 2),
+      num_res_blocks=3,
+      attn_resolutions=(8, 4),
+      dropout=0.2,
+      resamp_with_conv=False,
+      dtype='bfloat16',
+    )
+  )
   cfg.update(overrides)
   return cfg
 
 
 def test_unet_from_config():
   model = unet_from_config(_model_config(), out_channels=6)
-  assert model == UNet(ch=64, ch_mult=(1, 2, 2), num_res_blocks=3,
-                       attn_resolutions=(8, 4), dropout=0.2, out_ch=6,
-                       resamp_with_conv=False, dtype=jnp.bfloat16)
-  assert unet_from_config(_model_config(dtype="float32"), 3).dtype == jnp.float32
+  assert model == UNet(
+    ch=64,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=3,
+    attn_resolutions=(8, 4),
+    dropout=0.2,
+    out_ch=6,
+    resamp_with_conv=False,
+    dtype=jnp.bfloat16,
+  )
+  assert unet_from_config(_model_config(dtype='float32'), 3).dtype == jnp.float32
 
 
 def test_unet_from_config_rejects_unknown_dtype():
-  with pytest.raises(ValueError, match=r"float16.*valid choices.*bfloat16.*float32"):
-    unet_from_config(_model_config(dtype="float16"), 3)
+  with pytest.raises(ValueError, match=r'float16.*valid choices.*bfloat16.*float32'):
+    unet_from_config(_model_config(dtype='float16'), 3)

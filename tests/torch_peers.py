@@ -23,13 +23,13 @@ def import_torchvision():
   try:
     import torchvision  # pylint: disable=g-import-not-at-top
   except RuntimeError as e:
-    if "torchvision::nms" not in str(e):
+    if 'torchvision::nms' not in str(e):
       raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
       del sys.modules[name]
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib = torch.library.Library('torchvision', 'FRAGMENT')
+    lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+    lib.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
     _LIBRARIES.append(lib)
     import torchvision  # pylint: disable=g-import-not-at-top
   return torchvision

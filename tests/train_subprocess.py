@@ -28,6 +28,7 @@ import main  # noqa: E402  (defines the flags)
 def _signal_at_step(sig: int, at_step: int) -> None:
   """Wraps the training iterator so that drawing batch `at_step` sends `sig` to us."""
   from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
   make_train_iterator = input_pipeline.make_train_iterator
 
   def wrapped(config, *, start_step=0, **kwargs):
@@ -38,6 +39,7 @@ def _signal_at_step(sig: int, at_step: int) -> None:
         if step == at_step:
           os.kill(os.getpid(), sig)
         yield batch
+
     return generate()
 
   input_pipeline.make_train_iterator = wrapped
@@ -46,6 +48,7 @@ def _signal_at_step(sig: int, at_step: int) -> None:
 def _kill_at_commit(at_step: int) -> None:
   """SIGKILL between the last file of checkpoint `at_step` and its commit (a rename)."""
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
   finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def finalize_or_die(self):

@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -39,15 +39,18 @@ def write_fake_fashion_mnist(directory, num_train=64, num_test=16, seed=0):
   def images(n):
     cy, cx = rng.uniform(8, 20, (2, n))
     radius = rng.choice([4.0, 8.0], n)
-    d2 = (yy[None] - cy[:, None, None])**2 + (xx[None] - cx[:, None, None])**2
-    return (255 * np.exp(-d2 / (2 * radius[:, None, None]**2))).astype(np.uint8)
+    d2 = (yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2
+    return (255 * np.exp(-d2 / (2 * radius[:, None, None] ** 2))).astype(np.uint8)
 
   os.makedirs(directory, exist_ok=True)
   for split, n in (('train', num_train), ('t10k', num_test)):
-    fashion_mnist_idx.write_idx_gz(os.path.join(directory, f'{split}-images-idx3-ubyte.gz'),
-                                   images(n))
-    fashion_mnist_idx.write_idx_gz(os.path.join(directory, f'{split}-labels-idx1-ubyte.gz'),
-                                   rng.integers(0, 10, n).astype(np.uint8))
+    fashion_mnist_idx.write_idx_gz(
+      os.path.join(directory, f'{split}-images-idx3-ubyte.gz'), images(n)
+    )
+    fashion_mnist_idx.write_idx_gz(
+      os.path.join(directory, f'{split}-labels-idx1-ubyte.gz'),
+      rng.integers(0, 10, n).astype(np.uint8),
+    )
 
 
 def make_data(root: str):
@@ -68,42 +71,62 @@ def tiny_config(data_dirs, **training):
   return config
 
 
-def config_flags(data_dirs, **training) -> List[str]:
+def config_flags(data_dirs, **training) -> list[str]:
   """The command-line flags that make main.py build `tiny_config(data_dirs, **training)`."""
-  flags = ['--config=configs/tiny.py', f'--config.data.manual_dir={data_dirs[0]}',
-           f'--config.data.data_dir={data_dirs[1]}']
+  flags = [
+    '--config=configs/tiny.py',
+    f'--config.data.manual_dir={data_dirs[0]}',
+    f'--config.data.data_dir={data_dirs[1]}',
+  ]
   return flags + [f'--config.training.{key}={value}' for key, value in training.items()]
 
 
-def child_env(**extra: str) -> Dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
   """The environment of a child trainer, with `extra` added.
 
   Children get as many CPU devices as this session (conftest forces 4): the
   same device count makes the same compiled programs, so a child loads from
   the shared cache what the session compiled, and the other way round.
   """
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('DDPM_TEST_', 'JAX_', 'XLA_FLAGS'))}
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             JAX_NUM_CPU_DEVICES=str(jax.device_count()),
-             DDPM_JAX_COMPILATION_CACHE=jax.config.jax_compilation_cache_dir or '')
+  env = {
+    k: v for k, v in os.environ.items() if not k.startswith(('DDPM_TEST_', 'JAX_', 'XLA_FLAGS'))
+  }
+  env.update(
+    JAX_PLATFORMS='cpu',
+    TF_CPP_MIN_LOG_LEVEL='2',
+    JAX_NUM_CPU_DEVICES=str(jax.device_count()),
+    DDPM_JAX_COMPILATION_CACHE=jax.config.jax_compilation_cache_dir or '',
+  )
   env.update(extra)
   return env
 
 
-def start_trainer(workdir: str, flags: Sequence[str], *, env: Optional[Dict[str, str]] = None,
-                  script: str = LAUNCHER, log_path: Optional[str] = None) -> subprocess.Popen:
+def start_trainer(
+  workdir: str,
+  flags: Sequence[str],
+  *,
+  env: dict[str, str] | None = None,
+  script: str = LAUNCHER,
+  log_path: str | None = None,
+) -> subprocess.Popen:
   """Starts `script` (main.py's flags) on `workdir`; output to `log_path` or a pipe."""
   cmd = [sys.executable, script, f'--workdir={workdir}', *flags]
   if log_path is None:
-    return subprocess.Popen(cmd, cwd=REPO, env=env or child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+      cmd,
+      cwd=REPO,
+      env=env or child_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
   with open(log_path, 'w') as log:  # The child keeps its own copy of the file.
-    return subprocess.Popen(cmd, cwd=REPO, env=env or child_env(), stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+      cmd, cwd=REPO, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT, text=True
+    )
 
 
-def finish(process: subprocess.Popen, log_path: Optional[str] = None):
+def finish(process: subprocess.Popen, log_path: str | None = None):
   """Waits for a trainer: (return code, its output)."""
   try:
     output, _ = process.communicate(timeout=TIMEOUT_S)
@@ -127,19 +150,21 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def restore(workdir: str, config, step: Optional[int] = None, devices=None):
+def restore(workdir: str, config, step: int | None = None, devices=None):
   """The train state of a workdir's checkpoint, replicated over `devices` (default: all)."""
   model, _, image_shape = inference.build_model_and_diffusion(config)
   mesh = sharding_lib.make_mesh(devices)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
-    state, _ = ckpt.restore(checkpointing.abstract_train_state(model, config, image_shape, mesh), step)
+    state, _ = ckpt.restore(
+      checkpointing.abstract_train_state(model, config, image_shape, mesh), step
+    )
   finally:
     ckpt.close()
   return state
 
 
-def committed_steps(workdir: str) -> List[int]:
+def committed_steps(workdir: str) -> list[int]:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   try:
     return list(ckpt.all_steps())
@@ -150,23 +175,31 @@ def committed_steps(workdir: str) -> List[int]:
 def assert_states_equal(a, b) -> None:
   """Bit for bit: step, parameters, EMA, optimizer state, non-finite counter."""
   np.testing.assert_array_equal(jax.device_get(a.step), jax.device_get(b.step))
-  np.testing.assert_array_equal(jax.device_get(a.nonfinite_in_a_row),
-                                jax.device_get(b.nonfinite_in_a_row))
+  np.testing.assert_array_equal(
+    jax.device_get(a.nonfinite_in_a_row), jax.device_get(b.nonfinite_in_a_row)
+  )
   for part in ('params', 'ema_params', 'opt_state'):
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(a, part)),
-                 jax.device_get(getattr(b, part)))
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      jax.device_get(getattr(a, part)),
+      jax.device_get(getattr(b, part)),
+    )
 
 
 def assert_states_close(a, b, *, atol: float) -> None:
   """Equal steps and counters; parameters, EMA and optimizer state within `atol`."""
   np.testing.assert_array_equal(jax.device_get(a.step), jax.device_get(b.step))
-  np.testing.assert_array_equal(jax.device_get(a.nonfinite_in_a_row),
-                                jax.device_get(b.nonfinite_in_a_row))
+  np.testing.assert_array_equal(
+    jax.device_get(a.nonfinite_in_a_row), jax.device_get(b.nonfinite_in_a_row)
+  )
   for part in ('params', 'ema_params', 'opt_state'):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=atol),
-                 jax.device_get(getattr(a, part)), jax.device_get(getattr(b, part)))
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=atol),
+      jax.device_get(getattr(a, part)),
+      jax.device_get(getattr(b, part)),
+    )
 
 
-def read_metrics(workdir: str) -> List[dict]:
+def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, train.METRICS_FILE)) as f:
     return [json.loads(line) for line in f]

@@ -7,4 +7,4 @@ IDX files of Debian's `dataset-fashion-mnist` package.
 from ddpm_jax.datasets import fashion_mnist_idx
 from ddpm_jax.datasets.fashion_mnist_idx import FashionMnistLocal
 
-__all__ = ["FashionMnistLocal", "fashion_mnist_idx"]
+__all__ = ['FashionMnistLocal', 'fashion_mnist_idx']

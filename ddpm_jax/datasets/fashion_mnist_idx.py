@@ -38,30 +38,30 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
-INSTALL_COMMAND = "sudo apt-get install dataset-fashion-mnist"
+DEFAULT_IDX_DIR = '/usr/share/datasets/fashion-mnist'
+INSTALL_COMMAND = 'sudo apt-get install dataset-fashion-mnist'
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
 # Label order of the Fashion-MNIST paper (and of TFDS's stock builder).
 CLASS_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
 )
 
 # Split name -> (images file, labels file), the upstream file names that
 # Debian keeps.
 IDX_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+  'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 
 _UBYTE_DTYPE_CODE = 0x08
@@ -81,26 +81,26 @@ def read_idx_gz(path: str | os.PathLike[str]) -> np.ndarray:
       unsigned-byte IDX file, or its length disagrees with its header.
   """
   try:
-    with gzip.open(path, "rb") as f:
+    with gzip.open(path, 'rb') as f:
       raw = f.read()
   except gzip.BadGzipFile as e:
-    raise ValueError(f"{path}: not a gzip file ({e}).") from e
-  if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != _UBYTE_DTYPE_CODE:
+    raise ValueError(f'{path}: not a gzip file ({e}).') from e
+  if len(raw) < 4 or raw[:2] != b'\x00\x00' or raw[2] != _UBYTE_DTYPE_CODE:
     raise ValueError(
-        f"{path}: bad IDX magic number 0x{raw[:4].hex()}; expected "
-        f"0x0000{_UBYTE_DTYPE_CODE:02x}NN (unsigned bytes, NN dimensions). "
-        "The file is corrupt or not an IDX file."
+      f'{path}: bad IDX magic number 0x{raw[:4].hex()}; expected '
+      f'0x0000{_UBYTE_DTYPE_CODE:02x}NN (unsigned bytes, NN dimensions). '
+      'The file is corrupt or not an IDX file.'
     )
   ndim = raw[3]
   header_len = 4 + 4 * ndim
   if len(raw) < header_len:
-    raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes).")
-  shape = struct.unpack(f">{ndim}I", raw[4:header_len])
+    raise ValueError(f'{path}: truncated IDX header ({len(raw)} bytes).')
+  shape = struct.unpack(f'>{ndim}I', raw[4:header_len])
   values = np.frombuffer(raw, dtype=np.uint8, offset=header_len)
   if values.size != int(np.prod(shape)):
     raise ValueError(
-        f"{path}: header says shape {shape} ({int(np.prod(shape))} values) "
-        f"but the file holds {values.size} values."
+      f'{path}: header says shape {shape} ({int(np.prod(shape))} values) '
+      f'but the file holds {values.size} values.'
     )
   return values.reshape(shape)
 
@@ -117,15 +117,14 @@ def write_idx_gz(path: str | os.PathLike[str], array: np.ndarray) -> None:
   """
   array = np.asarray(array)
   if array.dtype != np.uint8:
-    raise ValueError(f"IDX writer supports uint8 only, got {array.dtype}.")
+    raise ValueError(f'IDX writer supports uint8 only, got {array.dtype}.')
   header = bytes([0, 0, _UBYTE_DTYPE_CODE, array.ndim])
-  header += struct.pack(f">{array.ndim}I", *array.shape)
-  with gzip.open(path, "wb") as f:
+  header += struct.pack(f'>{array.ndim}I', *array.shape)
+  with gzip.open(path, 'wb') as f:
     f.write(header + np.ascontiguousarray(array).tobytes())
 
 
-def load_idx_split(idx_dir: str | os.PathLike[str],
-                   split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_idx_split(idx_dir: str | os.PathLike[str], split: str) -> tuple[np.ndarray, np.ndarray]:
   """Reads and validates one Fashion-MNIST split from a directory.
 
   Args:
@@ -146,30 +145,25 @@ def load_idx_split(idx_dir: str | os.PathLike[str],
   labels = read_idx_gz(labels_path)
   if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
     raise ValueError(
-        f"{images_path}: expected images of shape (N, {IMAGE_SIZE}, "
-        f"{IMAGE_SIZE}), got {images.shape}."
+      f'{images_path}: expected images of shape (N, {IMAGE_SIZE}, '
+      f'{IMAGE_SIZE}), got {images.shape}.'
     )
   if labels.ndim != 1:
-    raise ValueError(
-        f"{labels_path}: expected labels of shape (N,), got {labels.shape}."
-    )
+    raise ValueError(f'{labels_path}: expected labels of shape (N,), got {labels.shape}.')
   if len(images) != len(labels):
     raise ValueError(
-        f"{split}: {len(images)} images ({images_path}) but {len(labels)} "
-        f"labels ({labels_path})."
+      f'{split}: {len(images)} images ({images_path}) but {len(labels)} labels ({labels_path}).'
     )
   if labels.size and labels.max() >= NUM_CLASSES:
-    raise ValueError(
-        f"{labels_path}: label {labels.max()} outside 0..{NUM_CLASSES - 1}."
-    )
+    raise ValueError(f'{labels_path}: label {labels.max()} outside 0..{NUM_CLASSES - 1}.')
   return images, labels
 
 
 class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
   """Fashion-MNIST (60,000 train / 10,000 test, 28x28x1) from IDX files."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Reads the IDX files of Debian's package."}
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': "Reads the IDX files of Debian's package."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Install the IDX files with `{INSTALL_COMMAND}` (they go to
   {DEFAULT_IDX_DIR}), or put the four files
@@ -177,8 +171,7 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
   into the manual directory.
   """
 
-  def __init__(self, *, idx_dir: str | os.PathLike[str] | None = None,
-               **kwargs):
+  def __init__(self, *, idx_dir: str | os.PathLike[str] | None = None, **kwargs):
     """Creates the builder.
 
     Args:
@@ -191,17 +184,18 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            "Fashion-MNIST: 28x28 grayscale images of 10 kinds of clothing, "
-            "read from local IDX files."
-        ),
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://github.com/zalandoresearch/fashion-mnist",
+      builder=self,
+      description=(
+        'Fashion-MNIST: 28x28 grayscale images of 10 kinds of clothing, read from local IDX files.'
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
+          'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://github.com/zalandoresearch/fashion-mnist',
     )
 
   def _find_idx_dir(self, dl_manager: tfds.download.DownloadManager) -> str:
@@ -217,16 +211,18 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
       except AssertionError:
         directory = DEFAULT_IDX_DIR
     missing = [
-        name for names in IDX_FILES.values() for name in names
-        if not os.path.isfile(os.path.join(directory, name))
+      name
+      for names in IDX_FILES.values()
+      for name in names
+      if not os.path.isfile(os.path.join(directory, name))
     ]
     if missing:
       raise FileNotFoundError(
-          f"Fashion-MNIST IDX files not found: searched {directory}, missing "
-          f"{', '.join(missing)}. Install them with `{INSTALL_COMMAND}` "
-          f"(puts them in {DEFAULT_IDX_DIR}), or pass the directory holding "
-          "them as tfds.download.DownloadConfig(manual_dir=...) or as the "
-          "builder argument idx_dir=... ."
+        f'Fashion-MNIST IDX files not found: searched {directory}, missing '
+        f'{", ".join(missing)}. Install them with `{INSTALL_COMMAND}` '
+        f'(puts them in {DEFAULT_IDX_DIR}), or pass the directory holding '
+        'them as tfds.download.DownloadConfig(manual_dir=...) or as the '
+        'builder argument idx_dir=... .'
       )
     return directory
 
@@ -236,13 +232,13 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
     # bad file fails fast instead of after the train split was written.
     arrays = {split: load_idx_split(idx_dir, split) for split in IDX_FILES}
     return {
-        split: self._generate_examples(images, labels)
-        for split, (images, labels) in arrays.items()
+      split: self._generate_examples(images, labels) for split, (images, labels) in arrays.items()
     }
 
-  def _generate_examples(self, images: np.ndarray,
-                         labels: np.ndarray) -> Iterator[tuple[int, dict]]:
+  def _generate_examples(
+    self, images: np.ndarray, labels: np.ndarray
+  ) -> Iterator[tuple[int, dict]]:
     # The key is the index in the IDX file; TFDS sorts by a hash of the key,
     # which gives a fixed (file-independent) order on disk.
     for index, (image, label) in enumerate(zip(images, labels)):
-      yield index, {"image": image[:, :, None], "label": int(label)}
+      yield index, {'image': image[:, :, None], 'label': int(label)}

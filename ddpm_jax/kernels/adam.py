@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import optax
 
 
-def reference(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float,
-              max_norm: float) -> optax.GradientTransformation:
+def reference(
+  learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float, max_norm: float
+) -> optax.GradientTransformation:
   """The optax chain `clipped_adam` computes: clipping (if max_norm > 0), then Adam."""
   adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
   return optax.chain(optax.clip_by_global_norm(max_norm), adam) if max_norm > 0 else adam
@@ -34,8 +35,9 @@ def _leaf_update(grad, mu, nu, scalars, *, b1, b2, eps):
   return step_size * mu * inv_correction_1 / (jnp.sqrt(nu * inv_correction_2) + eps), mu, nu
 
 
-def clipped_adam(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float,
-                 max_norm: float) -> optax.GradientTransformationExtraArgs:
+def clipped_adam(
+  learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float, max_norm: float
+) -> optax.GradientTransformationExtraArgs:
   """`reference(...)` with the same state, and the same updates up to float rounding.
 
   Args:
@@ -63,13 +65,18 @@ def clipped_adam(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: fl
       clip_scale = jnp.ones((), jnp.float32)
     count = optax.safe_increment(adam.count)
     # As optax: decay ** count in float32, then one reciprocal per step.
-    scalars = (clip_scale, 1.0 / (1.0 - jnp.float32(b1)**count),
-               1.0 / (1.0 - jnp.float32(b2)**count), -learning_rate(schedule_state.count))
+    scalars = (
+      clip_scale,
+      1.0 / (1.0 - jnp.float32(b1) ** count),
+      1.0 / (1.0 - jnp.float32(b2) ** count),
+      -learning_rate(schedule_state.count),
+    )
     per_leaf = jax.tree.map(
-        lambda g, m, v: _leaf_update(g, m, v, scalars, b1=b1, b2=b2, eps=eps),
-        grads, adam.mu, adam.nu)
+      lambda g, m, v: _leaf_update(g, m, v, scalars, b1=b1, b2=b2, eps=eps), grads, adam.mu, adam.nu
+    )
     updates, mu, nu = jax.tree.transpose(
-        jax.tree.structure(grads), jax.tree.structure((0, 0, 0)), per_leaf)
+      jax.tree.structure(grads), jax.tree.structure((0, 0, 0)), per_leaf
+    )
     adam = adam._replace(count=count, mu=mu, nu=nu)
     schedule_state = schedule_state._replace(count=optax.safe_increment(schedule_state.count))
     state = (clip_state, (adam, schedule_state)) if max_norm > 0 else (adam, schedule_state)

@@ -33,6 +33,7 @@ class GroupNorm(nn.Module):
     dtype: output (computation) dtype; statistics are always float32.
     param_dtype: dtype of 'scale' and 'bias'.
   """
+
   num_groups: int
   epsilon: float
   swish: bool = False
@@ -45,15 +46,30 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
-    return group_norm(x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
-                      swish=self.swish, dtype=self.dtype)
+    return group_norm(
+      x,
+      scale,
+      bias,
+      num_groups=self.num_groups,
+      epsilon=self.epsilon,
+      swish=self.swish,
+      dtype=self.dtype,
+    )
 
 
 # A jit of its own, traced once per shape rather than at each of the U-Net's
 # norms; XLA inlines it, so the compiled program is the same.
 @functools.partial(jax.jit, static_argnames=('num_groups', 'epsilon', 'swish', 'dtype'))
-def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, num_groups: int,
-               epsilon: float, swish: bool, dtype: Dtype) -> jax.Array:
+def group_norm(
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  *,
+  num_groups: int,
+  epsilon: float,
+  swish: bool,
+  dtype: Dtype,
+) -> jax.Array:
   """`GroupNorm`'s function: x [B, ..., C], scale and bias [C] -> [B, ..., C] in `dtype`."""
   b, c, g = x.shape[0], x.shape[-1], num_groups
   x32 = x.astype(jnp.float32)
@@ -62,13 +78,13 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, num_groups: i
   # way than in one reduction over (positions, group channels).
   per_position = x32.reshape(b, -1, c)
   count = per_position.shape[1] * (c // g)
-  group_sum = lambda v: jnp.sum(v.reshape(b, g, c // g), axis=-1)        # [B, C] -> [B, G]
+  group_sum = lambda v: jnp.sum(v.reshape(b, g, c // g), axis=-1)  # [B, C] -> [B, G]
   mean = group_sum(jnp.sum(per_position, axis=1)) / count
   mean_sq = group_sum(jnp.sum(jnp.square(per_position), axis=1)) / count
   # E[x^2] - E[x]^2 in float32, clipped at 0 against cancellation; the
   # activations here are O(1), so this matches the two-pass variance.
   var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-  inv_std = jax.lax.rsqrt(var + epsilon)                                  # [B, G]
+  inv_std = jax.lax.rsqrt(var + epsilon)  # [B, G]
   multiplier = inv_std[:, :, None] * scale.astype(jnp.float32).reshape(g, c // g)
   offset = bias.astype(jnp.float32).reshape(g, c // g) - mean[:, :, None] * multiplier
   per_channel = (b,) + (1,) * (x.ndim - 2) + (c,)

@@ -57,17 +57,26 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, dtype: Dtype = None) -> 
   # weights (the same sums, at full precision): XLA:CPU runs it and its
   # gradient as plain matmuls, where slices, adds and stacks became strided
   # copies and pads.
-  taps = jnp.dot(jnp.asarray(_PHASE_TAPS, kernel.dtype), kernel.reshape(9, c_in * c_out),
-                 precision=jax.lax.Precision.HIGHEST)
+  taps = jnp.dot(
+    jnp.asarray(_PHASE_TAPS, kernel.dtype),
+    kernel.reshape(9, c_in * c_out),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   phase_kernels = taps.reshape(2, 2, 2, 2, c_in, c_out).astype(dtype)  # [a, a', r, c, in, out]
   rows = []
   for a in (0, 1):
     # Phase a's window covers input rows (i - 1, i) for a = 0, (i, i + 1) for a = 1.
-    phases = [jax.lax.conv_general_dilated(
-        x, phase_kernels[a, a2], (1, 1),
-        ((1 - a, a), (1 - a2, a2)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-              for a2 in (0, 1)]
-    rows.append(jnp.stack(phases, axis=3))               # [B, H, W, 2 (a'), C_out]
+    phases = [
+      jax.lax.conv_general_dilated(
+        x,
+        phase_kernels[a, a2],
+        (1, 1),
+        ((1 - a, a), (1 - a2, a2)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      )
+      for a2 in (0, 1)
+    ]
+    rows.append(jnp.stack(phases, axis=3))  # [B, H, W, 2 (a'), C_out]
   return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c_out)  # [B, H, 2 (a), W, 2, C_out]
 
 
@@ -85,6 +94,7 @@ class UpsampleConv(nn.Module):
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
+
   features: int
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
@@ -94,7 +104,8 @@ class UpsampleConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, C_in] -> [B, 2H, 2W, features]."""
-    kernel = self.param('kernel', self.kernel_init, (3, 3, x.shape[-1], self.features),
-                        self.param_dtype)
+    kernel = self.param(
+      'kernel', self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype
+    )
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     return upsample2x_conv3x3(x, kernel, dtype=self.dtype) + bias.astype(self.dtype)

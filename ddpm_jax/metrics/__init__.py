@@ -23,11 +23,11 @@ from ddpm_jax.metrics.frechet import load_statistics
 from ddpm_jax.metrics.frechet import save_statistics
 
 __all__ = [
-    "feature_statistics",
-    "frechet_distance",
-    "frechet_distance_from_features",
-    "inception_score",
-    "kernel_inception_distance",
-    "load_statistics",
-    "save_statistics",
+  'feature_statistics',
+  'frechet_distance',
+  'frechet_distance_from_features',
+  'inception_score',
+  'kernel_inception_distance',
+  'load_statistics',
+  'save_statistics',
 ]

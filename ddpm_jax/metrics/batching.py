@@ -7,17 +7,21 @@ the same code spread batches over several devices (variables replicated).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
-__all__ = ["batched_apply", "place_replicated"]
+__all__ = ['batched_apply', 'place_replicated']
 
 
-def batched_apply(fn: Callable[[jax.Array], Sequence[jax.Array]],
-                  images: np.ndarray, batch_size: int,
-                  mesh: jax.sharding.Mesh | None = None) -> list[np.ndarray]:
+def batched_apply(
+  fn: Callable[[jax.Array], Sequence[jax.Array]],
+  images: np.ndarray,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None = None,
+) -> list[np.ndarray]:
   """Applies `fn` to fixed-size batches of `images`, returns NumPy outputs.
 
   The last batch is padded to `batch_size` by repeating its final image, so
@@ -37,14 +41,13 @@ def batched_apply(fn: Callable[[jax.Array], Sequence[jax.Array]],
   images = np.asarray(images)
   n = images.shape[0]
   if n == 0:
-    raise ValueError("no images")
+    raise ValueError('no images')
   sharding = None
   if mesh is not None:
     # Round up so every device gets the same number of rows.
-    shards = mesh.shape["data"]
+    shards = mesh.shape['data']
     batch_size = -(-batch_size // shards) * shards
-    sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec("data"))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   outputs: list[list[np.ndarray]] = []
   pending = None  # (device outputs, valid rows) of the previous batch
 
@@ -56,7 +59,7 @@ def batched_apply(fn: Callable[[jax.Array], Sequence[jax.Array]],
       acc.append(np.asarray(r)[:valid])
 
   for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
+    batch = images[start : start + batch_size]
     valid = batch.shape[0]
     if valid < batch_size:
       pad = np.repeat(batch[-1:], batch_size - valid, axis=0)
@@ -76,5 +79,4 @@ def place_replicated(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
   """Puts a pytree on the default device, or replicated over `mesh`."""
   if mesh is None:
     return jax.device_put(tree)
-  return jax.device_put(
-      tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

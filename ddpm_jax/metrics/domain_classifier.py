@@ -31,7 +31,8 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Mapping, Tuple
+from typing import Any
+from collections.abc import Mapping
 
 import flax.linen as nn
 import flax.serialization
@@ -43,15 +44,14 @@ import optax
 from ddpm_jax.metrics.batching import batched_apply, place_replicated
 
 __all__ = [
-    "FD_LABEL",
-    "DomainClassifier",
-    "DomainFeatureExtractor",
-    "load_or_train_domain_classifier",
-    "train_domain_classifier",
+  'FD_LABEL',
+  'DomainClassifier',
+  'DomainFeatureExtractor',
+  'load_or_train_domain_classifier',
+  'train_domain_classifier',
 ]
 
-FD_LABEL = ("Frechet distance (domain classifier features; NOT comparable "
-            "with Inception FID)")
+FD_LABEL = 'Frechet distance (domain classifier features; NOT comparable with Inception FID)'
 # Part of the cache key: bump when the network or training recipe changes.
 _CACHE_VERSION = 2
 
@@ -62,11 +62,11 @@ class DomainClassifier(nn.Module):
   """Small CNN classifier; returns penultimate features and logits."""
 
   num_classes: int
-  channels: Tuple[int, ...] = (32, 64, 128)
+  channels: tuple[int, ...] = (32, 64, 128)
   feature_dim: int = 256
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Runs the classifier.
 
     Args:
@@ -76,7 +76,7 @@ class DomainClassifier(nn.Module):
       (features [N, feature_dim], logits [N, num_classes]).
     """
     for i, ch in enumerate(self.channels):
-      x = nn.relu(nn.Conv(ch, (3, 3), padding="SAME", name=f"conv{i}")(x))
+      x = nn.relu(nn.Conv(ch, (3, 3), padding='SAME', name=f'conv{i}')(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     # A 2x2 average keeps coarse layout (top/bottom, left/right), which
     # global pooling would throw away, at a quarter of a flatten's weights.
@@ -85,8 +85,8 @@ class DomainClassifier(nn.Module):
     # Features are taken before the ReLU: with ReLU many units are zero for
     # every input (about 40% after training on Fashion-MNIST), which makes
     # the feature covariance singular and wastes dimensions.
-    features = nn.Dense(self.feature_dim, name="penultimate")(x)
-    logits = nn.Dense(self.num_classes, name="head")(nn.relu(features))
+    features = nn.Dense(self.feature_dim, name='penultimate')(x)
+    logits = nn.Dense(self.num_classes, name='head')(nn.relu(features))
     return features, logits
 
 
@@ -95,14 +95,12 @@ def _to_unit_range(images: jax.Array) -> jax.Array:
 
 
 def _num_classes(params: Params) -> int:
-  return int(params["head"]["kernel"].shape[-1])
+  return int(params['head']['kernel'].shape[-1])
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes",))
-def _forward(params: Params, images: jax.Array,
-             num_classes: int) -> Tuple[jax.Array, jax.Array]:
-  return DomainClassifier(num_classes).apply({"params": params},
-                                             _to_unit_range(images))
+@functools.partial(jax.jit, static_argnames=('num_classes',))
+def _forward(params: Params, images: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+  return DomainClassifier(num_classes).apply({'params': params}, _to_unit_range(images))
 
 
 def _optimizer() -> optax.GradientTransformation:
@@ -111,18 +109,21 @@ def _optimizer() -> optax.GradientTransformation:
   return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4))
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes",),
-                   donate_argnums=(0, 1))
-def _train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
-                labels: jax.Array, learning_rate: jax.Array, *,
-                num_classes: int) -> Tuple[Params, optax.OptState, jax.Array]:
+@functools.partial(jax.jit, static_argnames=('num_classes',), donate_argnums=(0, 1))
+def _train_step(
+  params: Params,
+  opt_state: optax.OptState,
+  images: jax.Array,
+  labels: jax.Array,
+  learning_rate: jax.Array,
+  *,
+  num_classes: int,
+) -> tuple[Params, optax.OptState, jax.Array]:
   """One AdamW step on softmax cross-entropy."""
 
   def loss_fn(p):
-    _, logits = DomainClassifier(num_classes).apply({"params": p},
-                                                    _to_unit_range(images))
-    return optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           labels).mean()
+    _, logits = DomainClassifier(num_classes).apply({'params': p}, _to_unit_range(images))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
   updates, opt_state = _optimizer().update(grads, opt_state, params)
@@ -133,23 +134,22 @@ def _train_step(params: Params, opt_state: optax.OptState, images: jax.Array,
 def _check_images(images: np.ndarray) -> np.ndarray:
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError("images must be uint8 [N, H, W, C], got "
-                     f"{images.dtype} {images.shape}")
+    raise ValueError(f'images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}')
   return images
 
 
 def train_domain_classifier(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    steps: int = 2000,
-    batch_size: int = 128,
-    seed: int = 0,
-    learning_rate: float = 1e-3,
-    num_classes: int | None = None,
-    eval_images: np.ndarray | None = None,
-    eval_labels: np.ndarray | None = None,
-) -> Tuple[Params, float | None]:
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  steps: int = 2000,
+  batch_size: int = 128,
+  seed: int = 0,
+  learning_rate: float = 1e-3,
+  num_classes: int | None = None,
+  eval_images: np.ndarray | None = None,
+  eval_labels: np.ndarray | None = None,
+) -> tuple[Params, float | None]:
   """Trains `DomainClassifier` on labelled uint8 images.
 
   Args:
@@ -171,21 +171,21 @@ def train_domain_classifier(
   images = _check_images(images)
   labels = np.asarray(labels).astype(np.int32)
   if labels.shape != images.shape[:1]:
-    raise ValueError(f"labels shape {labels.shape} does not match "
-                     f"{images.shape[0]} images")
+    raise ValueError(f'labels shape {labels.shape} does not match {images.shape[0]} images')
   n = images.shape[0]
   if not 0 < batch_size <= n:
-    raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+    raise ValueError(f'batch_size must be in [1, {n}], got {batch_size}')
   if num_classes is None:
     num_classes = int(labels.max()) + 1
   params = DomainClassifier(num_classes).init(
-      jax.random.key(seed), jnp.zeros((1,) + images.shape[1:],
-                                      jnp.float32))["params"]
+    jax.random.key(seed), jnp.zeros((1,) + images.shape[1:], jnp.float32)
+  )['params']
   opt_state = _optimizer().init(params)
   # Cosine decay to 0 (optax.cosine_decay_schedule), computed on the host so
   # the loop never waits on the device for a scalar.
-  rates = (learning_rate * 0.5 *
-           (1.0 + np.cos(np.pi * np.arange(steps) / steps))).astype(np.float32)
+  rates = (learning_rate * 0.5 * (1.0 + np.cos(np.pi * np.arange(steps) / steps))).astype(
+    np.float32
+  )
 
   rng = np.random.default_rng(seed)
   order = rng.permutation(n)
@@ -194,45 +194,47 @@ def train_domain_classifier(
     if pos + batch_size > n:  # new epoch; drop the ragged remainder
       order = rng.permutation(n)
       pos = 0
-    idx = order[pos:pos + batch_size]
+    idx = order[pos : pos + batch_size]
     pos += batch_size
     params, opt_state, loss = _train_step(
-        params, opt_state, images[idx], labels[idx],
-        rates[step], num_classes=num_classes)
+      params, opt_state, images[idx], labels[idx], rates[step], num_classes=num_classes
+    )
   if not np.isfinite(float(loss)):
-    raise FloatingPointError(f"domain classifier loss is {float(loss)}")
+    raise FloatingPointError(f'domain classifier loss is {float(loss)}')
 
   accuracy = None
   if eval_images is not None:
     if eval_labels is None:
-      raise ValueError("eval_images given without eval_labels")
+      raise ValueError('eval_images given without eval_labels')
     _, logits = DomainFeatureExtractor(params)(eval_images)
     accuracy = float(np.mean(logits.argmax(-1) == np.asarray(eval_labels)))
   return params, accuracy
 
 
-def _cache_key(images: np.ndarray, labels: np.ndarray,
-               settings: Mapping[str, Any]) -> str:
+def _cache_key(images: np.ndarray, labels: np.ndarray, settings: Mapping[str, Any]) -> str:
   digest = hashlib.sha256()
-  digest.update(json.dumps({"version": _CACHE_VERSION, "shape": images.shape,
-                            **settings}, sort_keys=True).encode())
+  digest.update(
+    json.dumps(
+      {'version': _CACHE_VERSION, 'shape': images.shape, **settings}, sort_keys=True
+    ).encode()
+  )
   digest.update(np.ascontiguousarray(images).tobytes())
   digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
   return digest.hexdigest()[:20]
 
 
 def load_or_train_domain_classifier(
-    cache_dir: str | os.PathLike,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    steps: int = 2000,
-    batch_size: int = 128,
-    seed: int = 0,
-    learning_rate: float = 1e-3,
-    eval_images: np.ndarray | None = None,
-    eval_labels: np.ndarray | None = None,
-) -> Tuple[Params, dict[str, Any]]:
+  cache_dir: str | os.PathLike,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  steps: int = 2000,
+  batch_size: int = 128,
+  seed: int = 0,
+  learning_rate: float = 1e-3,
+  eval_images: np.ndarray | None = None,
+  eval_labels: np.ndarray | None = None,
+) -> tuple[Params, dict[str, Any]]:
   """Returns a cached classifier for this data and settings, training once.
 
   Args:
@@ -256,43 +258,55 @@ def load_or_train_domain_classifier(
   """
   images = _check_images(images)
   labels = np.asarray(labels)
-  settings = {"steps": steps, "batch_size": batch_size, "seed": seed,
-              "learning_rate": learning_rate}
-  path = os.path.join(os.fspath(cache_dir),
-                      f"domain_classifier_{_cache_key(images, labels, settings)}"
-                      ".msgpack")
+  settings = {
+    'steps': steps,
+    'batch_size': batch_size,
+    'seed': seed,
+    'learning_rate': learning_rate,
+  }
+  path = os.path.join(
+    os.fspath(cache_dir), f'domain_classifier_{_cache_key(images, labels, settings)}.msgpack'
+  )
   if os.path.isfile(path):
-    with open(path, "rb") as f:
+    with open(path, 'rb') as f:
       blob = flax.serialization.msgpack_restore(f.read())
-    meta = json.loads(blob["meta"])
-    return blob["params"], {**meta, "path": path, "cached": True}
+    meta = json.loads(blob['meta'])
+    return blob['params'], {**meta, 'path': path, 'cached': True}
 
   start = time.perf_counter()
   params, accuracy = train_domain_classifier(
-      images, labels, steps=steps, batch_size=batch_size, seed=seed,
-      learning_rate=learning_rate, eval_images=eval_images,
-      eval_labels=eval_labels)
-  meta = {"accuracy": accuracy,
-          "train_seconds": time.perf_counter() - start,
-          "image_shape": list(images.shape[1:]), **settings}
-  blob = flax.serialization.msgpack_serialize({
-      "params": jax.tree.map(np.asarray, params),
-      "meta": json.dumps(meta)})
+    images,
+    labels,
+    steps=steps,
+    batch_size=batch_size,
+    seed=seed,
+    learning_rate=learning_rate,
+    eval_images=eval_images,
+    eval_labels=eval_labels,
+  )
+  meta = {
+    'accuracy': accuracy,
+    'train_seconds': time.perf_counter() - start,
+    'image_shape': list(images.shape[1:]),
+    **settings,
+  }
+  blob = flax.serialization.msgpack_serialize(
+    {'params': jax.tree.map(np.asarray, params), 'meta': json.dumps(meta)}
+  )
   os.makedirs(os.fspath(cache_dir), exist_ok=True)
   # Write then rename, so a concurrent reader never sees half a file.
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(cache_dir), suffix=".tmp")
-  with os.fdopen(fd, "wb") as f:
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(cache_dir), suffix='.tmp')
+  with os.fdopen(fd, 'wb') as f:
     f.write(blob)
   os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shareable
   os.replace(tmp, path)
-  return params, {**meta, "path": path, "cached": False}
+  return params, {**meta, 'path': path, 'cached': False}
 
 
 class DomainFeatureExtractor:
   """Penultimate features (and logits) of a trained `DomainClassifier`."""
 
-  def __init__(self, params: Params, batch_size: int = 256,
-               mesh: jax.sharding.Mesh | None = None):
+  def __init__(self, params: Params, batch_size: int = 256, mesh: jax.sharding.Mesh | None = None):
     """Creates the extractor.
 
     Args:
@@ -302,12 +316,12 @@ class DomainFeatureExtractor:
       mesh: optional mesh with a 'data' axis to shard batches over.
     """
     self.num_classes = _num_classes(params)
-    self.in_channels = int(params["conv0"]["kernel"].shape[2])
+    self.in_channels = int(params['conv0']['kernel'].shape[2])
     self.params = place_replicated(params, mesh)
     self.batch_size = batch_size
     self.mesh = mesh
 
-  def __call__(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Computes features and logits.
 
     Args:
@@ -319,10 +333,8 @@ class DomainFeatureExtractor:
     """
     images = _check_images(images)
     if images.shape[-1] != self.in_channels:
-      raise ValueError(f"classifier expects {self.in_channels} channels, got "
-                       f"{images.shape[-1]}")
-    fn = functools.partial(_forward, self.params,
-                           num_classes=self.num_classes)
+      raise ValueError(f'classifier expects {self.in_channels} channels, got {images.shape[-1]}')
+    fn = functools.partial(_forward, self.params, num_classes=self.num_classes)
     features, logits = batched_apply(fn, images, self.batch_size, self.mesh)
     return features, logits
 

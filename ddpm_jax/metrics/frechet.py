@@ -20,24 +20,23 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Tuple
 
 import numpy as np
 import scipy.linalg
 import scipy.special
 
 __all__ = [
-    "feature_statistics",
-    "frechet_distance",
-    "frechet_distance_from_features",
-    "kernel_inception_distance",
-    "inception_score",
-    "save_statistics",
-    "load_statistics",
+  'feature_statistics',
+  'frechet_distance',
+  'frechet_distance_from_features',
+  'kernel_inception_distance',
+  'inception_score',
+  'save_statistics',
+  'load_statistics',
 ]
 
 
-def feature_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mean and covariance of a set of feature vectors, in float64.
 
   Args:
@@ -49,26 +48,26 @@ def feature_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   """
   features = np.asarray(features, dtype=np.float64)
   if features.ndim != 2:
-    raise ValueError(f"features must be [N, D], got shape {features.shape}")
+    raise ValueError(f'features must be [N, D], got shape {features.shape}')
   if features.shape[0] < 2:
-    raise ValueError("need at least 2 feature vectors for a covariance, got "
-                     f"{features.shape[0]}")
+    raise ValueError(f'need at least 2 feature vectors for a covariance, got {features.shape[0]}')
   mu = features.mean(axis=0)
   sigma = np.cov(features, rowvar=False)
   return mu, np.atleast_2d(sigma)
 
 
-def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray,
-                              eps: float) -> float:
+def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
   """Tr((S1 S2)^{1/2}) by the Schur-based `sqrtm`, as the standard FID code."""
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     # Near-singular products (fewer samples than dimensions) can make sqrtm
     # return inf/nan; the standard code then retries with a small ridge.
     warnings.warn(
-        "frechet_distance: sqrtm of the covariance product is not finite; "
-        f"adding {eps:g} * I to both covariances.", RuntimeWarning,
-        stacklevel=3)
+      'frechet_distance: sqrtm of the covariance product is not finite; '
+      f'adding {eps:g} * I to both covariances.',
+      RuntimeWarning,
+      stacklevel=3,
+    )
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
@@ -78,9 +77,10 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray,
     max_imag = np.max(np.abs(np.diagonal(covmean).imag))
     if max_imag > 1e-3:
       raise ValueError(
-          f"frechet_distance: imaginary component {max_imag:g} in the "
-          "square root of the covariance product; are both inputs "
-          "symmetric positive semi-definite?")
+        f'frechet_distance: imaginary component {max_imag:g} in the '
+        'square root of the covariance product; are both inputs '
+        'symmetric positive semi-definite?'
+      )
     covmean = covmean.real
   return float(np.trace(covmean))
 
@@ -104,13 +104,15 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   return float(np.sum(np.sqrt(np.clip(vals, 0.0, None))))
 
 
-def frechet_distance(mu1: np.ndarray,
-                     sigma1: np.ndarray,
-                     mu2: np.ndarray,
-                     sigma2: np.ndarray,
-                     *,
-                     eps: float = 1e-6,
-                     method: str = "sqrtm") -> float:
+def frechet_distance(
+  mu1: np.ndarray,
+  sigma1: np.ndarray,
+  mu2: np.ndarray,
+  sigma2: np.ndarray,
+  *,
+  eps: float = 1e-6,
+  method: str = 'sqrtm',
+) -> float:
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
   Args:
@@ -134,24 +136,22 @@ def frechet_distance(mu1: np.ndarray,
   sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
   if mu1.shape != mu2.shape:
-    raise ValueError(f"mean shapes differ: {mu1.shape} vs {mu2.shape}")
+    raise ValueError(f'mean shapes differ: {mu1.shape} vs {mu2.shape}')
   if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"covariance shapes {sigma1.shape}, {sigma2.shape} do "
-                     f"not match mean shape {mu1.shape}")
-  if method == "sqrtm":
+    raise ValueError(
+      f'covariance shapes {sigma1.shape}, {sigma2.shape} do not match mean shape {mu1.shape}'
+    )
+  if method == 'sqrtm':
     tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
-  elif method == "eigh":
+  elif method == 'eigh':
     tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
   else:
     raise ValueError(f"unknown method {method!r}; valid: 'sqrtm', 'eigh'")
   diff = mu1 - mu2
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) -
-               2.0 * tr_covmean)
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
-def frechet_distance_from_features(features1: np.ndarray,
-                                   features2: np.ndarray,
-                                   **kwargs) -> float:
+def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray, **kwargs) -> float:
   """Frechet distance between the Gaussians fitted to two feature sets.
 
   Args:
@@ -171,9 +171,9 @@ def _polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
   """Unbiased MMD^2 with k(a, b) = (a.b / D + 1)^3 for equal-size sets."""
   m = x.shape[0]
   dim = x.shape[1]
-  k_xx = (x @ x.T / dim + 1.0)**3
-  k_yy = (y @ y.T / dim + 1.0)**3
-  k_xy = (x @ y.T / dim + 1.0)**3
+  k_xx = (x @ x.T / dim + 1.0) ** 3
+  k_yy = (y @ y.T / dim + 1.0) ** 3
+  k_xy = (x @ y.T / dim + 1.0) ** 3
   # The unbiased estimator drops the k(x_i, x_i) terms of the within-set sums.
   sum_xx = k_xx.sum() - np.trace(k_xx)
   sum_yy = k_yy.sum() - np.trace(k_yy)
@@ -181,12 +181,12 @@ def _polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def kernel_inception_distance(
-    features1: np.ndarray,
-    features2: np.ndarray,
-    num_subsets: int = 100,
-    subset_size: int = 1000,
-    rng: np.random.Generator | int | None = 0,
-) -> Tuple[float, float]:
+  features1: np.ndarray,
+  features2: np.ndarray,
+  num_subsets: int = 100,
+  subset_size: int = 1000,
+  rng: np.random.Generator | int | None = 0,
+) -> tuple[float, float]:
   """Kernel Inception Distance (cubic polynomial kernel, unbiased MMD^2).
 
   Args:
@@ -204,15 +204,13 @@ def kernel_inception_distance(
   x = np.asarray(features1, dtype=np.float64)
   y = np.asarray(features2, dtype=np.float64)
   if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-    raise ValueError(f"features must be [N, D] with equal D, got {x.shape} "
-                     f"and {y.shape}")
+    raise ValueError(f'features must be [N, D] with equal D, got {x.shape} and {y.shape}')
   m = min(subset_size, x.shape[0], y.shape[0])
   if m < 2:
-    raise ValueError(f"need subsets of at least 2 samples, got {m}")
+    raise ValueError(f'need subsets of at least 2 samples, got {m}')
   if num_subsets < 1:
-    raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
-  gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(
-      rng)
+    raise ValueError(f'num_subsets must be >= 1, got {num_subsets}')
+  gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
   estimates = np.empty(num_subsets, dtype=np.float64)
   for i in range(num_subsets):
     xs = x[gen.choice(x.shape[0], m, replace=False)]
@@ -221,10 +219,9 @@ def kernel_inception_distance(
   return float(estimates.mean()), float(estimates.std())
 
 
-def inception_score(predictions: np.ndarray,
-                    num_splits: int = 10,
-                    *,
-                    from_logits: bool = True) -> Tuple[float, float]:
+def inception_score(
+  predictions: np.ndarray, num_splits: int = 10, *, from_logits: bool = True
+) -> tuple[float, float]:
   """Inception Score exp(E_x KL(p(y|x) || p(y))) over splits.
 
   Args:
@@ -241,31 +238,28 @@ def inception_score(predictions: np.ndarray,
   """
   preds = np.asarray(predictions, dtype=np.float64)
   if preds.ndim != 2:
-    raise ValueError(f"predictions must be [N, K], got shape {preds.shape}")
+    raise ValueError(f'predictions must be [N, K], got shape {preds.shape}')
   n = preds.shape[0]
   if not 1 <= num_splits <= n:
-    raise ValueError(f"num_splits must be in [1, N={n}], got {num_splits}")
+    raise ValueError(f'num_splits must be in [1, N={n}], got {num_splits}')
   if from_logits:
     log_p = scipy.special.log_softmax(preds, axis=1)
     probs = np.exp(log_p)
   else:
-    if np.any(preds < 0) or not np.allclose(preds.sum(axis=1), 1.0,
-                                            atol=1e-6):
-      raise ValueError("probabilities must be non-negative rows summing to 1")
+    if np.any(preds < 0) or not np.allclose(preds.sum(axis=1), 1.0, atol=1e-6):
+      raise ValueError('probabilities must be non-negative rows summing to 1')
     probs = preds
   scores = np.empty(num_splits, dtype=np.float64)
   for i in range(num_splits):
-    part = probs[i * n // num_splits:(i + 1) * n // num_splits]
+    part = probs[i * n // num_splits : (i + 1) * n // num_splits]
     marginal = part.mean(axis=0, keepdims=True)
     # xlogy gives 0 * log 0 = 0, so exact one-hot probabilities are fine.
-    kl = (scipy.special.xlogy(part, part) -
-          scipy.special.xlogy(part, marginal)).sum(axis=1)
+    kl = (scipy.special.xlogy(part, part) - scipy.special.xlogy(part, marginal)).sum(axis=1)
     scores[i] = np.exp(kl.mean())
   return float(scores.mean()), float(scores.std())
 
 
-def save_statistics(path: str | os.PathLike, mu: np.ndarray,
-                    sigma: np.ndarray) -> None:
+def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
   """Saves reference statistics as an .npz with keys 'mu' and 'sigma'.
 
   The layout is the one pytorch-fid reads and writes, so statistics files can
@@ -276,12 +270,11 @@ def save_statistics(path: str | os.PathLike, mu: np.ndarray,
     mu: [D] mean.
     sigma: [D, D] covariance.
   """
-  with open(path, "wb") as f:
-    np.savez(f, mu=np.asarray(mu, np.float64),
-             sigma=np.asarray(sigma, np.float64))
+  with open(path, 'wb') as f:
+    np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
-def load_statistics(path: str | os.PathLike) -> Tuple[np.ndarray, np.ndarray]:
+def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """Loads statistics written by `save_statistics` (or by pytorch-fid).
 
   Args:
@@ -291,5 +284,4 @@ def load_statistics(path: str | os.PathLike) -> Tuple[np.ndarray, np.ndarray]:
     (mu, sigma) in float64.
   """
   with np.load(path) as data:
-    return (np.asarray(data["mu"], np.float64),
-            np.asarray(data["sigma"], np.float64))
+    return (np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64))

@@ -48,7 +48,8 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -58,57 +59,64 @@ import numpy as np
 from ddpm_jax.metrics.batching import batched_apply, place_replicated
 
 __all__ = [
-    "FID_WEIGHTS_FILENAME",
-    "FID_WEIGHTS_URL",
-    "INCEPTION_SIZE",
-    "NUM_CLASSES",
-    "RESIZE_METHOD",
-    "FIDInceptionV3",
-    "InceptionFeatureExtractor",
-    "convert_pytorch_fid_weights",
-    "load_pytorch_fid_weights",
-    "preprocess_images",
-    "state_dict_to_variables",
+  'FID_WEIGHTS_FILENAME',
+  'FID_WEIGHTS_URL',
+  'INCEPTION_SIZE',
+  'NUM_CLASSES',
+  'RESIZE_METHOD',
+  'FIDInceptionV3',
+  'InceptionFeatureExtractor',
+  'convert_pytorch_fid_weights',
+  'load_pytorch_fid_weights',
+  'preprocess_images',
+  'state_dict_to_variables',
 ]
 
 INCEPTION_SIZE = 299
 NUM_CLASSES = 1008
 POOL3_DIM = 2048
 BN_EPSILON = 1e-3
-RESIZE_METHOD = ("bilinear, half-pixel centres, no anti-aliasing "
-                 "(= torch F.interpolate(mode='bilinear', align_corners=False) "
-                 "as in pytorch-fid)")
-FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+RESIZE_METHOD = (
+  'bilinear, half-pixel centres, no anti-aliasing '
+  "(= torch F.interpolate(mode='bilinear', align_corners=False) "
+  'as in pytorch-fid)'
+)
+FID_WEIGHTS_FILENAME = 'pt_inception-2015-12-05-6726825d.pth'
 # Where the file is published; shown in error messages only, never fetched.
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
-                   "fid_weights/" + FID_WEIGHTS_FILENAME)
+FID_WEIGHTS_URL = (
+  'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + FID_WEIGHTS_FILENAME
+)
 
 Variables = Mapping[str, Any]
-_Padding = Tuple[int, int]
+_Padding = tuple[int, int]
 
 
 class BasicConv(nn.Module):
   """Conv (no bias) -> BatchNorm (inference, eps 1e-3) -> ReLU."""
 
   features: int
-  kernel_size: Tuple[int, int]
+  kernel_size: tuple[int, int]
   strides: int = 1
   padding: _Padding = (0, 0)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ph, pw = self.padding
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
-                padding=((ph, ph), (pw, pw)), use_bias=False, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON,
-                     name="bn")(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel_size,
+      strides=self.strides,
+      padding=((ph, ph), (pw, pw)),
+      use_bias=False,
+      name='conv',
+    )(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name='bn')(x)
     return nn.relu(x)
 
 
 def _avg_pool_same(x: jax.Array) -> jax.Array:
   # TF's SAME average pool divides by the number of real (unpadded) inputs.
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=False)
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool_same(x: jax.Array) -> jax.Array:
@@ -116,7 +124,7 @@ def _max_pool_same(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_reduce(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
 
 
 class InceptionA(nn.Module):
@@ -126,14 +134,13 @@ class InceptionA(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b1 = BasicConv(64, (1, 1), name="branch1x1")(x)
-    b5 = BasicConv(48, (1, 1), name="branch5x5_1")(x)
-    b5 = BasicConv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
-    b3 = BasicConv(64, (1, 1), name="branch3x3dbl_1")(x)
-    b3 = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
-    b3 = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
-    bp = BasicConv(self.pool_features, (1, 1),
-                   name="branch_pool")(_avg_pool_same(x))
+    b1 = BasicConv(64, (1, 1), name='branch1x1')(x)
+    b5 = BasicConv(48, (1, 1), name='branch5x5_1')(x)
+    b5 = BasicConv(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
+    b3 = BasicConv(64, (1, 1), name='branch3x3dbl_1')(x)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
+    bp = BasicConv(self.pool_features, (1, 1), name='branch_pool')(_avg_pool_same(x))
     return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
@@ -142,10 +149,10 @@ class InceptionB(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b3 = BasicConv(384, (3, 3), strides=2, name="branch3x3")(x)
-    bd = BasicConv(64, (1, 1), name="branch3x3dbl_1")(x)
-    bd = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = BasicConv(96, (3, 3), strides=2, name="branch3x3dbl_3")(bd)
+    b3 = BasicConv(384, (3, 3), strides=2, name='branch3x3')(x)
+    bd = BasicConv(64, (1, 1), name='branch3x3dbl_1')(x)
+    bd = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = BasicConv(96, (3, 3), strides=2, name='branch3x3dbl_3')(bd)
     return jnp.concatenate([b3, bd, _max_pool_reduce(x)], axis=-1)
 
 
@@ -157,16 +164,16 @@ class InceptionC(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c7 = self.channels_7x7
-    b1 = BasicConv(192, (1, 1), name="branch1x1")(x)
-    b7 = BasicConv(c7, (1, 1), name="branch7x7_1")(x)
-    b7 = BasicConv(c7, (1, 7), padding=(0, 3), name="branch7x7_2")(b7)
-    b7 = BasicConv(192, (7, 1), padding=(3, 0), name="branch7x7_3")(b7)
-    bd = BasicConv(c7, (1, 1), name="branch7x7dbl_1")(x)
-    bd = BasicConv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_2")(bd)
-    bd = BasicConv(c7, (1, 7), padding=(0, 3), name="branch7x7dbl_3")(bd)
-    bd = BasicConv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_4")(bd)
-    bd = BasicConv(192, (1, 7), padding=(0, 3), name="branch7x7dbl_5")(bd)
-    bp = BasicConv(192, (1, 1), name="branch_pool")(_avg_pool_same(x))
+    b1 = BasicConv(192, (1, 1), name='branch1x1')(x)
+    b7 = BasicConv(c7, (1, 1), name='branch7x7_1')(x)
+    b7 = BasicConv(c7, (1, 7), padding=(0, 3), name='branch7x7_2')(b7)
+    b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7_3')(b7)
+    bd = BasicConv(c7, (1, 1), name='branch7x7dbl_1')(x)
+    bd = BasicConv(c7, (7, 1), padding=(3, 0), name='branch7x7dbl_2')(bd)
+    bd = BasicConv(c7, (1, 7), padding=(0, 3), name='branch7x7dbl_3')(bd)
+    bd = BasicConv(c7, (7, 1), padding=(3, 0), name='branch7x7dbl_4')(bd)
+    bd = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7dbl_5')(bd)
+    bp = BasicConv(192, (1, 1), name='branch_pool')(_avg_pool_same(x))
     return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
@@ -175,12 +182,12 @@ class InceptionD(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b3 = BasicConv(192, (1, 1), name="branch3x3_1")(x)
-    b3 = BasicConv(320, (3, 3), strides=2, name="branch3x3_2")(b3)
-    b7 = BasicConv(192, (1, 1), name="branch7x7x3_1")(x)
-    b7 = BasicConv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
-    b7 = BasicConv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
-    b7 = BasicConv(192, (3, 3), strides=2, name="branch7x7x3_4")(b7)
+    b3 = BasicConv(192, (1, 1), name='branch3x3_1')(x)
+    b3 = BasicConv(320, (3, 3), strides=2, name='branch3x3_2')(b3)
+    b7 = BasicConv(192, (1, 1), name='branch7x7x3_1')(x)
+    b7 = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
+    b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
+    b7 = BasicConv(192, (3, 3), strides=2, name='branch7x7x3_4')(b7)
     return jnp.concatenate([b3, b7, _max_pool_reduce(x)], axis=-1)
 
 
@@ -191,19 +198,25 @@ class InceptionE(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
-    b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
-    b3 = jnp.concatenate([
-        BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-        BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
-    ], axis=-1)
-    bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
-    bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([
-        BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-        BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
-    ], axis=-1)
-    bp = BasicConv(192, (1, 1), name="branch_pool")(self.pool(x))
+    b1 = BasicConv(320, (1, 1), name='branch1x1')(x)
+    b3 = BasicConv(384, (1, 1), name='branch3x3_1')(x)
+    b3 = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
+        BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+      ],
+      axis=-1,
+    )
+    bd = BasicConv(448, (1, 1), name='branch3x3dbl_1')(x)
+    bd = BasicConv(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = jnp.concatenate(
+      [
+        BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
+        BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+      ],
+      axis=-1,
+    )
+    bp = BasicConv(192, (1, 1), name='branch_pool')(self.pool(x))
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
@@ -215,7 +228,7 @@ class FIDInceptionV3(nn.Module):
   """
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Runs the network.
 
     Args:
@@ -226,32 +239,31 @@ class FIDInceptionV3(nn.Module):
     Returns:
       (pool3 [N, 2048], logits [N, 1008]).
     """
-    x = BasicConv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
-    x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
-    x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
+    x = BasicConv(32, (3, 3), strides=2, name='Conv2d_1a_3x3')(x)
+    x = BasicConv(32, (3, 3), name='Conv2d_2a_3x3')(x)
+    x = BasicConv(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
     x = _max_pool_reduce(x)
-    x = BasicConv(80, (1, 1), name="Conv2d_3b_1x1")(x)
-    x = BasicConv(192, (3, 3), name="Conv2d_4a_3x3")(x)
+    x = BasicConv(80, (1, 1), name='Conv2d_3b_1x1')(x)
+    x = BasicConv(192, (3, 3), name='Conv2d_4a_3x3')(x)
     x = _max_pool_reduce(x)
-    x = InceptionA(32, name="Mixed_5b")(x)
-    x = InceptionA(64, name="Mixed_5c")(x)
-    x = InceptionA(64, name="Mixed_5d")(x)
-    x = InceptionB(name="Mixed_6a")(x)
-    x = InceptionC(128, name="Mixed_6b")(x)
-    x = InceptionC(160, name="Mixed_6c")(x)
-    x = InceptionC(160, name="Mixed_6d")(x)
-    x = InceptionC(192, name="Mixed_6e")(x)
-    x = InceptionD(name="Mixed_7a")(x)
-    x = InceptionE(_avg_pool_same, name="Mixed_7b")(x)
+    x = InceptionA(32, name='Mixed_5b')(x)
+    x = InceptionA(64, name='Mixed_5c')(x)
+    x = InceptionA(64, name='Mixed_5d')(x)
+    x = InceptionB(name='Mixed_6a')(x)
+    x = InceptionC(128, name='Mixed_6b')(x)
+    x = InceptionC(160, name='Mixed_6c')(x)
+    x = InceptionC(160, name='Mixed_6d')(x)
+    x = InceptionC(192, name='Mixed_6e')(x)
+    x = InceptionD(name='Mixed_7a')(x)
+    x = InceptionE(_avg_pool_same, name='Mixed_7b')(x)
     # The 2015 graph's last block max-pools in its pool branch.
-    x = InceptionE(_max_pool_same, name="Mixed_7c")(x)
+    x = InceptionE(_max_pool_same, name='Mixed_7c')(x)
     pool3 = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(NUM_CLASSES, name="fc")(pool3)
+    logits = nn.Dense(NUM_CLASSES, name='fc')(pool3)
     return pool3, logits
 
 
-def preprocess_images(images: jax.Array,
-                      size: int = INCEPTION_SIZE) -> jax.Array:
+def preprocess_images(images: jax.Array, size: int = INCEPTION_SIZE) -> jax.Array:
   """uint8 NHWC images -> [-1, 1] float32 at size x size, as pytorch-fid.
 
   Args:
@@ -262,36 +274,36 @@ def preprocess_images(images: jax.Array,
     [N, size, size, 3] float32 in [-1, 1] (up to interpolation round-off).
   """
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(
-        f"images must be [N, H, W, 1 or 3], got shape {images.shape}")
+    raise ValueError(f'images must be [N, H, W, 1 or 3], got shape {images.shape}')
   x = images.astype(jnp.float32) / 255.0
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
   # Resize in [0, 1] and normalise afterwards: the order pytorch-fid uses.
-  x = jax.image.resize(x, (x.shape[0], size, size, 3), method="bilinear",
-                       antialias=False)
+  x = jax.image.resize(x, (x.shape[0], size, size, 3), method='bilinear', antialias=False)
   return 2.0 * x - 1.0
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor
+  if hasattr(value, 'detach'):  # a torch tensor
     value = value.detach().cpu().numpy()
   return np.asarray(value)
 
 
 @functools.lru_cache(maxsize=1)
-def _variable_shapes() -> dict[str, Tuple[int, ...]]:
+def _variable_shapes() -> dict[str, tuple[int, ...]]:
   """Path -> shape of every FIDInceptionV3 variable (traced once)."""
   template = jax.eval_shape(
-      FIDInceptionV3().init, jax.random.key(0),
-      jax.ShapeDtypeStruct((1, INCEPTION_SIZE, INCEPTION_SIZE, 3),
-                           jnp.float32))
-  return {jax.tree_util.keystr(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]}
+    FIDInceptionV3().init,
+    jax.random.key(0),
+    jax.ShapeDtypeStruct((1, INCEPTION_SIZE, INCEPTION_SIZE, 3), jnp.float32),
+  )
+  return {
+    jax.tree_util.keystr(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
+  }
 
 
-def state_dict_to_variables(
-    state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def state_dict_to_variables(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   """Converts a pytorch-fid / torchvision Inception3 state dict to Flax.
 
   Args:
@@ -315,87 +327,91 @@ def state_dict_to_variables(
     for part in path[:-1]:
       node = node.setdefault(part, {})
     if path[-1] in node:
-      raise ValueError(f"duplicate entry for {'/'.join(path)}")
+      raise ValueError(f'duplicate entry for {"/".join(path)}')
     node[path[-1]] = value.astype(np.float32)
 
   for key, value in state_dict.items():
-    parts = key.split(".")
-    if parts[-1] == "num_batches_tracked" or parts[0] == "AuxLogits":
+    parts = key.split('.')
+    if parts[-1] == 'num_batches_tracked' or parts[0] == 'AuxLogits':
       continue
     value = _to_numpy(value)
     module, leaf = parts[:-1], parts[-1]
-    if module[-1] == "conv" and leaf == "weight":
+    if module[-1] == 'conv' and leaf == 'weight':
       # torch [out, in, kh, kw] -> flax [kh, kw, in, out]
-      put(params, module + ["kernel"], value.transpose(2, 3, 1, 0))
-    elif module[-1] == "bn" and leaf in ("weight", "bias"):
-      put(params, module + ["scale" if leaf == "weight" else "bias"], value)
-    elif module[-1] == "bn" and leaf in ("running_mean", "running_var"):
-      put(stats, module + ["mean" if leaf == "running_mean" else "var"], value)
-    elif module == ["fc"] and leaf == "weight":
-      put(params, ["fc", "kernel"], value.T)
-    elif module == ["fc"] and leaf == "bias":
-      put(params, ["fc", "bias"], value)
+      put(params, module + ['kernel'], value.transpose(2, 3, 1, 0))
+    elif module[-1] == 'bn' and leaf in ('weight', 'bias'):
+      put(params, module + ['scale' if leaf == 'weight' else 'bias'], value)
+    elif module[-1] == 'bn' and leaf in ('running_mean', 'running_var'):
+      put(stats, module + ['mean' if leaf == 'running_mean' else 'var'], value)
+    elif module == ['fc'] and leaf == 'weight':
+      put(params, ['fc', 'kernel'], value.T)
+    elif module == ['fc'] and leaf == 'bias':
+      put(params, ['fc', 'bias'], value)
     else:
-      raise ValueError(f"unexpected state dict entry {key!r}")
+      raise ValueError(f'unexpected state dict entry {key!r}')
 
-  variables = {"params": params, "batch_stats": stats}
+  variables = {'params': params, 'batch_stats': stats}
   want_paths = _variable_shapes()
   got = jax.tree_util.tree_flatten_with_path(variables)[0]
   got_paths = {jax.tree_util.keystr(p): v.shape for p, v in got}
   missing = sorted(set(want_paths) - set(got_paths))
   extra = sorted(set(got_paths) - set(want_paths))
   if missing or extra:
-    raise ValueError(f"state dict does not match FIDInceptionV3: missing "
-                     f"{missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                     f"unexpected {extra[:5]}")
-  bad = [(k, got_paths[k], s) for k, s in want_paths.items()
-         if tuple(got_paths[k]) != tuple(s)]
+    raise ValueError(
+      f'state dict does not match FIDInceptionV3: missing '
+      f'{missing[:5]}{"..." if len(missing) > 5 else ""}, '
+      f'unexpected {extra[:5]}'
+    )
+  bad = [(k, got_paths[k], s) for k, s in want_paths.items() if tuple(got_paths[k]) != tuple(s)]
   if bad:
-    raise ValueError(f"shape mismatch (name, got, want): {bad[:5]}")
+    raise ValueError(f'shape mismatch (name, got, want): {bad[:5]}')
   return variables
 
 
 def _check_hash_in_name(path: str) -> None:
   # torch.hub convention: the name ends in the first hex digits of the
   # file's SHA-256, e.g. pt_inception-2015-12-05-6726825d.pth.
-  match = re.search(r"-([0-9a-f]{8,64})\.pth$", os.path.basename(path))
+  match = re.search(r'-([0-9a-f]{8,64})\.pth$', os.path.basename(path))
   if not match:
     return
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
       digest.update(chunk)
   if not digest.hexdigest().startswith(match.group(1)):
     raise ValueError(
-        f"{path}: SHA-256 {digest.hexdigest()[:16]}... does not start with "
-        f"the {match.group(1)} in its name; the file is damaged or not the "
-        "pytorch-fid Inception weights")
+      f'{path}: SHA-256 {digest.hexdigest()[:16]}... does not start with '
+      f'the {match.group(1)} in its name; the file is damaged or not the '
+      'pytorch-fid Inception weights'
+    )
 
 
 def _require_file(path: str) -> None:
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"FID Inception weights not found at {path!r}. Nothing is downloaded "
-        f"at run time: fetch {FID_WEIGHTS_FILENAME} from {FID_WEIGHTS_URL} on "
-        "a machine with internet access, copy it to that path (or point the "
-        "config at where it is), or use the domain-classifier features for "
-        "datasets where Inception does not apply.")
+      f'FID Inception weights not found at {path!r}. Nothing is downloaded '
+      f'at run time: fetch {FID_WEIGHTS_FILENAME} from {FID_WEIGHTS_URL} on '
+      'a machine with internet access, copy it to that path (or point the '
+      'config at where it is), or use the domain-classifier features for '
+      'datasets where Inception does not apply.'
+    )
 
 
 def _read_state_dict(path: str) -> Mapping[str, Any]:
-  if path.endswith(".npz"):
+  if path.endswith('.npz'):
     with np.load(path) as data:
       return {k: data[k] for k in data.files}
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        f"reading {path} needs PyTorch (pip install torch==2.13.0, the CPU "
-        "build is enough), or convert it once elsewhere with "
-        "ddpm_jax.metrics.inception.convert_pytorch_fid_weights to an .npz, "
-        "which loads without PyTorch") from e
+      f'reading {path} needs PyTorch (pip install torch==2.13.0, the CPU '
+      'build is enough), or convert it once elsewhere with '
+      'ddpm_jax.metrics.inception.convert_pytorch_fid_weights to an .npz, '
+      'which loads without PyTorch'
+    ) from e
   _check_hash_in_name(path)
-  return torch.load(path, map_location="cpu", weights_only=True)
+  return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def load_pytorch_fid_weights(path: str | os.PathLike) -> dict[str, Any]:
@@ -418,8 +434,7 @@ def load_pytorch_fid_weights(path: str | os.PathLike) -> dict[str, Any]:
   return state_dict_to_variables(_read_state_dict(path))
 
 
-def convert_pytorch_fid_weights(pth_path: str | os.PathLike,
-                                npz_path: str | os.PathLike) -> None:
+def convert_pytorch_fid_weights(pth_path: str | os.PathLike, npz_path: str | os.PathLike) -> None:
   """Rewrites pytorch-fid's .pth as an .npz that loads without PyTorch.
 
   Args:
@@ -430,15 +445,13 @@ def convert_pytorch_fid_weights(pth_path: str | os.PathLike,
   _require_file(pth_path)
   state = _read_state_dict(pth_path)
   state_dict_to_variables(state)  # validate before writing
-  arrays = {k: _to_numpy(v) for k, v in state.items()
-            if not k.endswith("num_batches_tracked")}
-  with open(npz_path, "wb") as f:
+  arrays = {k: _to_numpy(v) for k, v in state.items() if not k.endswith('num_batches_tracked')}
+  with open(npz_path, 'wb') as f:
     np.savez(f, **arrays)
 
 
 @jax.jit
-def _extract(variables: Variables,
-             images: jax.Array) -> Tuple[jax.Array, jax.Array]:
+def _extract(variables: Variables, images: jax.Array) -> tuple[jax.Array, jax.Array]:
   return FIDInceptionV3().apply(variables, preprocess_images(images))
 
 
@@ -451,8 +464,9 @@ class InceptionFeatureExtractor:
     mu, sigma = feature_statistics(pool3)
   """
 
-  def __init__(self, variables: Variables, batch_size: int = 50,
-               mesh: jax.sharding.Mesh | None = None):
+  def __init__(
+    self, variables: Variables, batch_size: int = 50, mesh: jax.sharding.Mesh | None = None
+  ):
     """Creates the extractor.
 
     Args:
@@ -467,14 +481,12 @@ class InceptionFeatureExtractor:
     self.resize_description = RESIZE_METHOD
 
   @classmethod
-  def from_file(cls, path: str | os.PathLike,
-                **kwargs) -> "InceptionFeatureExtractor":
+  def from_file(cls, path: str | os.PathLike, **kwargs) -> InceptionFeatureExtractor:
     """Builds an extractor from a weights file (see `load_pytorch_fid_weights`)."""
     return cls(load_pytorch_fid_weights(path), **kwargs)
 
   @classmethod
-  def from_config(cls, eval_config: Any,
-                  **kwargs) -> "InceptionFeatureExtractor":
+  def from_config(cls, eval_config: Any, **kwargs) -> InceptionFeatureExtractor:
     """Builds an extractor from `config.eval.inception_weights`.
 
     Args:
@@ -488,13 +500,14 @@ class InceptionFeatureExtractor:
     path = eval_config.inception_weights
     if not path:
       raise FileNotFoundError(
-          "config.eval.inception_weights is not set: name a local copy of "
-          f"{FID_WEIGHTS_FILENAME} (from {FID_WEIGHTS_URL}; nothing is "
-          "downloaded at run time), or set config.eval.feature_extractor = "
-          "'domain' for data where Inception does not apply.")
+        'config.eval.inception_weights is not set: name a local copy of '
+        f'{FID_WEIGHTS_FILENAME} (from {FID_WEIGHTS_URL}; nothing is '
+        'downloaded at run time), or set config.eval.feature_extractor = '
+        "'domain' for data where Inception does not apply."
+      )
     return cls.from_file(path, **kwargs)
 
-  def __call__(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Computes features.
 
     Args:
@@ -505,7 +518,7 @@ class InceptionFeatureExtractor:
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
-      raise ValueError(f"expected uint8 images, got {images.dtype}")
+      raise ValueError(f'expected uint8 images, got {images.dtype}')
     fn = functools.partial(_extract, self.variables)
     pool3, logits = batched_apply(fn, images, self.batch_size, self.mesh)
     return pool3, logits

@@ -38,13 +38,13 @@ def unet_from_config(model_config: ml_collections.ConfigDict, out_channels: int)
   layers_name = str(model_config.get('layers', 'auto'))
   layer_set = layers.resolve(layers_name)
   return UNet(
-      ch=int(model_config.ch),
-      ch_mult=tuple(int(m) for m in model_config.ch_mult),
-      num_res_blocks=int(model_config.num_res_blocks),
-      attn_resolutions=tuple(int(r) for r in model_config.attn_resolutions),
-      dropout=float(model_config.dropout),
-      out_ch=int(out_channels),
-      resamp_with_conv=bool(model_config.resamp_with_conv),
-      dtype=DTYPES[dtype_name],
-      layers=None if layers_name == 'auto' else layer_set,
+    ch=int(model_config.ch),
+    ch_mult=tuple(int(m) for m in model_config.ch_mult),
+    num_res_blocks=int(model_config.num_res_blocks),
+    attn_resolutions=tuple(int(r) for r in model_config.attn_resolutions),
+    dropout=float(model_config.dropout),
+    out_ch=int(out_channels),
+    resamp_with_conv=bool(model_config.resamp_with_conv),
+    dtype=DTYPES[dtype_name],
+    layers=None if layers_name == 'auto' else layer_set,
   )

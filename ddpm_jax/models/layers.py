@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,7 @@ class Layers:
     upsample_conv: nearest x2 upsampling then a 3x3 'SAME' convolution;
       takes `nn.Conv`'s `features`, initialisers, dtypes and name.
   """
+
   conv: ModuleDef
   dense: ModuleDef
   norm: ModuleDef
@@ -75,18 +77,18 @@ def _upsample_then_conv(features: int, **kwargs) -> Callable[[jax.Array], jax.Ar
 
 
 REFERENCE = Layers(
-    conv=functools.partial(nn.Conv, kernel_size=(3, 3), padding=1),
-    dense=nn.Dense,
-    norm=_group_norm_then_swish,
-    dropout=nn.Dropout,
-    upsample_conv=_upsample_then_conv,
+  conv=functools.partial(nn.Conv, kernel_size=(3, 3), padding=1),
+  dense=nn.Dense,
+  norm=_group_norm_then_swish,
+  dropout=nn.Dropout,
+  upsample_conv=_upsample_then_conv,
 )
 
 # Only the kernels that made the CIFAR-10 U-Net faster on CPU (docs/performance.md).
 FAST = dataclasses.replace(
-    REFERENCE,
-    norm=functools.partial(group_norm_kernel.GroupNorm, num_groups=NUM_GROUPS, epsilon=NORM_EPS),
-    upsample_conv=upsample_conv_kernel.UpsampleConv,
+  REFERENCE,
+  norm=functools.partial(group_norm_kernel.GroupNorm, num_groups=NUM_GROUPS, epsilon=NORM_EPS),
+  upsample_conv=upsample_conv_kernel.UpsampleConv,
 )
 
 LAYER_SETS = {'reference': REFERENCE, 'fast': FAST}
@@ -97,7 +99,7 @@ LAYER_CHOICES = ('auto',) + tuple(LAYER_SETS)
 _PLATFORM_SETS = {'cpu': 'fast', 'gpu': 'fast', 'tpu': 'fast'}
 
 
-def for_platform(platform: Optional[str] = None) -> Layers:
+def for_platform(platform: str | None = None) -> Layers:
   """The layer set 'auto' means on `platform` (default: JAX's default backend)."""
   platform = platform or jax.default_backend()
   return LAYER_SETS[_PLATFORM_SETS.get(platform, 'reference')]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -64,6 +65,7 @@ class ResBlock(nn.Module):
   -> conv3x3 (zero init); a 1x1 (NIN) projection on the shortcut when the
   channel count changes.
   """
+
   out_ch: int
   dropout: float
   layers: Layers
@@ -99,6 +101,7 @@ class AttnBlock(nn.Module):
   GN -> q, k, v (1x1, C channels) -> softmax(q k^T / sqrt(C)) v -> 1x1
   projection (zero init) -> + x.
   """
+
   layers: Layers
 
   @nn.compact
@@ -143,6 +146,7 @@ class UNet(nn.Module):
     layers: the building blocks; None picks them by platform
       (`layers.for_platform`). Every set has the same parameters.
   """
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
   num_res_blocks: int = 2
@@ -152,32 +156,41 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  layers: Optional[Layers] = None
+  layers: Layers | None = None
 
   def _layers(self) -> Layers:
     """The layer set, with the original's initialisation and this network's dtypes bound."""
     layers = self.layers or layers_lib.for_platform()
     bind = functools.partial(functools.partial, dtype=self.dtype, param_dtype=self.param_dtype)
-    return Layers(conv=bind(layers.conv, kernel_init=default_init),
-                  dense=bind(layers.dense, kernel_init=default_init), norm=bind(layers.norm),
-                  dropout=layers.dropout,
-                  upsample_conv=bind(layers.upsample_conv, kernel_init=default_init))
+    return Layers(
+      conv=bind(layers.conv, kernel_init=default_init),
+      dense=bind(layers.dense, kernel_init=default_init),
+      norm=bind(layers.norm),
+      dropout=layers.dropout,
+      upsample_conv=bind(layers.upsample_conv, kernel_init=default_init),
+    )
 
   def _check_shapes(self, x: jax.Array, t: jax.Array) -> None:
     if x.ndim != 4:
       raise ValueError(f'UNet expects NHWC images [B, H, W, C], got shape {x.shape}')
     _, height, width, _ = x.shape
-    factor = 2**(len(self.ch_mult) - 1)
+    factor = 2 ** (len(self.ch_mult) - 1)
     if height % factor or width % factor:
-      raise ValueError(f'image size {height}x{width} must be divisible by {factor} '
-                       f'(2**(len(ch_mult)-1) with ch_mult={tuple(self.ch_mult)})')
+      raise ValueError(
+        f'image size {height}x{width} must be divisible by {factor} '
+        f'(2**(len(ch_mult)-1) with ch_mult={tuple(self.ch_mult)})'
+      )
     if self.attn_resolutions and height != width:
-      raise ValueError('image must be square when attn_resolutions is set (attention '
-                       f'resolutions are side lengths), got {height}x{width}')
+      raise ValueError(
+        'image must be square when attn_resolutions is set (attention '
+        f'resolutions are side lengths), got {height}x{width}'
+      )
     bad = sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % NUM_GROUPS})
     if bad:
-      raise ValueError(f'channel counts {bad} (ch={self.ch} x ch_mult={tuple(self.ch_mult)}) '
-                       f'are not divisible by the {NUM_GROUPS} GroupNorm groups')
+      raise ValueError(
+        f'channel counts {bad} (ch={self.ch} x ch_mult={tuple(self.ch_mult)}) '
+        f'are not divisible by the {NUM_GROUPS} GroupNorm groups'
+      )
     if t.shape != (x.shape[0],):
       raise ValueError(f't must have shape [B] = ({x.shape[0]},), got {t.shape}')
 
@@ -220,8 +233,9 @@ class UNet(nn.Module):
         if self.resamp_with_conv:
           # Pad one row/column at the bottom/right only: TF's stride-2 'SAME'
           # on even sizes, and diffusers' Downsample2D with padding=0.
-          h = layers.conv(h.shape[-1], strides=2, padding=((0, 1), (0, 1)),
-                          name=f'down_{level}_downsample')(h)
+          h = layers.conv(
+            h.shape[-1], strides=2, padding=((0, 1), (0, 1)), name=f'down_{level}_downsample'
+          )(h)
         else:
           h = nn.avg_pool(h, (2, 2), strides=(2, 2))
         hs.append(h)
@@ -235,7 +249,8 @@ class UNet(nn.Module):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
         h = res_block(self.ch * self.ch_mult[level], name=f'up_{level}_block_{i}')(
-            h, temb, train=train)
+          h, temb, train=train
+        )
         if h.shape[1] in attn_res:
           h = attn_block(name=f'up_{level}_attn_{i}')(h)
       if level != 0:
