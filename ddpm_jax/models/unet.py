@@ -72,15 +72,9 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
-    """Applies the block.
+    """x [B, H, W, C_in], temb [B, T] (before its swish) -> [B, H, W, out_ch].
 
-    Args:
-      x: [B, H, W, C_in] activations.
-      temb: [B, T] timestep embedding (before the block's swish).
-      train: enables dropout (needs the 'dropout' rng).
-
-    Returns:
-      [B, H, W, out_ch] activations.
+    `train` enables dropout (which needs the 'dropout' rng).
     """
     layers = self.layers
     h = layers.norm(swish=True, name='norm1')(x)
@@ -173,24 +167,17 @@ class UNet(nn.Module):
   def _check_shapes(self, x: jax.Array, t: jax.Array) -> None:
     if x.ndim != 4:
       raise ValueError(f'UNet expects NHWC images [B, H, W, C], got shape {x.shape}')
-    _, height, width, _ = x.shape
-    factor = 2 ** (len(self.ch_mult) - 1)
+    (_, height, width, _), factor = x.shape, 2 ** (len(self.ch_mult) - 1)
     if height % factor or width % factor:
-      raise ValueError(
-        f'image size {height}x{width} must be divisible by {factor} '
-        f'(2**(len(ch_mult)-1) with ch_mult={tuple(self.ch_mult)})'
-      )
+      msg = f'(2**(len(ch_mult)-1) with ch_mult={tuple(self.ch_mult)})'
+      raise ValueError(f'image size {height}x{width} must be divisible by {factor} {msg}')
     if self.attn_resolutions and height != width:
       raise ValueError(
-        'image must be square when attn_resolutions is set (attention '
-        f'resolutions are side lengths), got {height}x{width}'
+        f'image must be square with attn_resolutions (side lengths), got {height}x{width}'
       )
-    bad = sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % NUM_GROUPS})
-    if bad:
-      raise ValueError(
-        f'channel counts {bad} (ch={self.ch} x ch_mult={tuple(self.ch_mult)}) '
-        f'are not divisible by the {NUM_GROUPS} GroupNorm groups'
-      )
+    if bad := sorted({self.ch * m for m in self.ch_mult if (self.ch * m) % NUM_GROUPS}):
+      msg = f'channel counts {bad} (ch={self.ch} x ch_mult={tuple(self.ch_mult)})'
+      raise ValueError(f'{msg} are not divisible by the {NUM_GROUPS} GroupNorm groups')
     if t.shape != (x.shape[0],):
       raise ValueError(f't must have shape [B] = ({x.shape[0]},), got {t.shape}')
 
@@ -233,9 +220,8 @@ class UNet(nn.Module):
         if self.resamp_with_conv:
           # Pad one row/column at the bottom/right only: TF's stride-2 'SAME'
           # on even sizes, and diffusers' Downsample2D with padding=0.
-          h = layers.conv(
-            h.shape[-1], strides=2, padding=((0, 1), (0, 1)), name=f'down_{level}_downsample'
-          )(h)
+          downsample = dict(strides=2, padding=((0, 1), (0, 1)), name=f'down_{level}_downsample')
+          h = layers.conv(h.shape[-1], **downsample)(h)
         else:
           h = nn.avg_pool(h, (2, 2), strides=(2, 2))
         hs.append(h)
@@ -248,9 +234,8 @@ class UNet(nn.Module):
     for level in reversed(range(num_levels)):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
-        h = res_block(self.ch * self.ch_mult[level], name=f'up_{level}_block_{i}')(
-          h, temb, train=train
-        )
+        block = res_block(self.ch * self.ch_mult[level], name=f'up_{level}_block_{i}')
+        h = block(h, temb, train=train)
         if h.shape[1] in attn_res:
           h = attn_block(name=f'up_{level}_attn_{i}')(h)
       if level != 0:
