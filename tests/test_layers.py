@@ -19,32 +19,37 @@ def _inputs():
   return x, jnp.array([3, 700], jnp.int32)
 
 
-def test_layer_sets_share_the_parameter_tree_and_its_initialisation():
+@pytest.fixture(scope='module')
+def initialised():
+  """Each set's initial variables of the tiny model (real, jitted initialisation)."""
   x, t = _inputs()
   init = lambda m: jax.jit(
     lambda x, t: m.init(jax.random.key(0), x, t, train=False), compiler_options=_FAST_COMPILE
   )
+  return {name: init(UNet(**TINY, layers=s))(x, t) for name, s in layers.LAYER_SETS.items()}
+
+
+def test_layer_sets_share_the_parameter_tree_and_its_initialisation(initialised):
+  x, t = _inputs()
   shapes = {
-    name: jax.eval_shape(init(UNet(**TINY, layers=s)), x, t)
+    name: jax.eval_shape(
+      lambda x, t: UNet(**TINY, layers=s).init(jax.random.key(0), x, t, train=False), x, t
+    )
     for name, s in layers.LAYER_SETS.items()
   }
   assert shapes['fast'] == shapes['reference']
-  fast, reference = (init(UNet(**TINY, layers=s))(x, t) for s in (layers.FAST, layers.REFERENCE))
-  jax.tree.map(np.testing.assert_array_equal, fast, reference)
+  jax.tree.map(np.testing.assert_array_equal, initialised['fast'], initialised['reference'])
 
 
 @pytest.mark.parametrize('train', [False, True])
-def test_fast_layers_compute_the_reference_function(train):
+def test_fast_layers_compute_the_reference_function(train, initialised):
   x, t = _inputs()
-  variables = jax.jit(
-    lambda x, t: UNet(**TINY).init(jax.random.key(0), x, t, train=False),
-    compiler_options=_FAST_COMPILE,
-  )(x, t)
-  # Perturbed, so the zero-init layers are not ~0 and every layer matters.
-  leaves, treedef = jax.tree.flatten(variables['params'])
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = treedef.unflatten(
-    [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  variables = initialised['fast']
+  # Perturbed, so the zero-init layers are not ~0 and every layer matters
+  # (in NumPy, so nothing compiles).
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(
+    lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape, np.float32), variables['params']
   )
   cotangent = jax.random.normal(jax.random.key(3), x.shape)
 
@@ -55,7 +60,8 @@ def test_fast_layers_compute_the_reference_function(train):
       )
       return jnp.sum(out * cotangent), out
 
-    return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+    grads = jax.value_and_grad(loss, (0, 1), has_aux=True)
+    return jax.jit(grads, compiler_options=_FAST_COMPILE)(params, x)
 
   (_, fast_out), fast_grads = value_and_grads(layers.FAST)
   (_, ref_out), ref_grads = value_and_grads(layers.REFERENCE)

@@ -1,7 +1,8 @@
-"""Drop-in CPU kernels for the U-Net's layers.
+"""Drop-in CPU kernels for the U-Net's layers and for its optimizer update.
 
-Each module computes the same function as a plain flax layer (tests compare
-them) with the same parameters, so checkpoints do not depend on which one
-ran. `ddpm_jax.models.layers` assembles them into the 'fast' layer set;
-docs/performance.md has their measurements.
+Each module computes the same function as a plain flax layer or optax chain
+(tests compare them) with the same parameters or optimizer state, so
+checkpoints do not depend on which one ran. `ddpm_jax.models.layers`
+assembles the layer kernels into the 'fast' set; `train_state.make_optimizer`
+uses `adam`. docs/performance.md has their measurements.
 """

@@ -7,9 +7,10 @@ rounding, so one checkpoint loads with any of them:
 
   REFERENCE  plain flax: nn.Conv, nn.Dense, nn.GroupNorm (+ swish),
              nn.Dropout, and nearest x2 upsampling then nn.Conv.
-  FAST       REFERENCE with the kernels of `ddpm_jax.kernels` (GroupNorm,
-             and the upsampling convolution at the input resolution), which
-             were measured faster on CPU.
+  FAST       REFERENCE with the kernels of `ddpm_jax.kernels` (GroupNorm, the
+             Dense layers' gradient, the upsampling convolution at the input
+             resolution), which were measured faster on CPU; the Dense
+             kernel's CPU-only part is chosen with `lax.platform_dependent`.
 
 The config field `model.layers` names a set: 'auto' (by platform,
 `for_platform`), 'reference' or 'fast'.
@@ -26,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.kernels import dense as dense_kernel
 from ddpm_jax.kernels import group_norm as group_norm_kernel
 from ddpm_jax.kernels import upsample_conv as upsample_conv_kernel
 
@@ -87,6 +89,7 @@ REFERENCE = Layers(
 # Only the kernels that made the CIFAR-10 U-Net faster on CPU (docs/performance.md).
 FAST = dataclasses.replace(
   REFERENCE,
+  dense=functools.partial(nn.Dense, dot_general=dense_kernel.dot_general),
   norm=functools.partial(group_norm_kernel.GroupNorm, num_groups=NUM_GROUPS, epsilon=NORM_EPS),
   upsample_conv=upsample_conv_kernel.UpsampleConv,
 )
