@@ -744,6 +744,47 @@ def _data_prediction(
   return x0
 
 
+def _solver_setup(
+  d,
+  model_fn,
+  shape,
+  rng,
+  x_T,
+  num_steps,
+  order,
+  model_mean_type,
+  model_var_type,
+  clip_denoised,
+  dynamic_threshold,
+  final_sigma,
+):
+  """Checks a solver's arguments; returns shape, x_T, the timesteps, their tables and the x_0 predictor."""
+  shape, x_start = _check_solver_args(
+    d,
+    shape,
+    rng,
+    x_T,
+    order,
+    model_mean_type,
+    model_var_type,
+    clip_denoised,
+    dynamic_threshold,
+    final_sigma,
+  )
+  timesteps = solver_timesteps(d.num_timesteps, num_steps)
+  tables = _solver_tables(d, timesteps, x_start.dtype, final_sigma)
+  predict = functools.partial(
+    _data_prediction,
+    d,
+    model_fn,
+    model_mean_type=model_mean_type,
+    model_var_type=model_var_type,
+    clip_denoised=clip_denoised,
+    dynamic_threshold=dynamic_threshold,
+  )
+  return shape, x_start, timesteps, tables, predict
+
+
 def _dpm_solver_orders(num_steps: int, order: int, final_sigma: str) -> np.ndarray:
   """The order of each step: lower at the start (warm-up) and at the end, as diffusers does."""
   orders = []
@@ -825,11 +866,13 @@ def dpm_solver_sample_loop(
   Returns:
     x_0 of `shape`.
   """
-  shape, x_start = _check_solver_args(
+  shape, x_start, timesteps, tables, predict = _solver_setup(
     d,
+    model_fn,
     shape,
     rng,
     x_T,
+    num_steps,
     order,
     model_mean_type,
     model_var_type,
@@ -837,18 +880,7 @@ def dpm_solver_sample_loop(
     dynamic_threshold,
     final_sigma,
   )
-  timesteps = solver_timesteps(d.num_timesteps, num_steps)
-  tables = _solver_tables(d, timesteps, x_start.dtype, final_sigma)
   alpha, sigma, _ = tables
-  predict = functools.partial(
-    _data_prediction,
-    d,
-    model_fn,
-    model_mean_type=model_mean_type,
-    model_var_type=model_var_type,
-    clip_denoised=clip_denoised,
-    dynamic_threshold=dynamic_threshold,
-  )
   updates = [functools.partial(_dpm_solver_update, k) for k in range(1, order + 1)]
 
   def body(carry, step):
@@ -951,11 +983,13 @@ def unipc_sample_loop(
   Returns:
     x_0 of `shape`.
   """
-  shape, x_start = _check_solver_args(
+  shape, x_start, timesteps, tables, predict = _solver_setup(
     d,
+    model_fn,
     shape,
     rng,
     x_T,
+    num_steps,
     order,
     model_mean_type,
     model_var_type,
@@ -963,17 +997,7 @@ def unipc_sample_loop(
     dynamic_threshold,
     final_sigma,
   )
-  timesteps = solver_timesteps(d.num_timesteps, num_steps)
-  alpha, sigma, lam = _solver_tables(d, timesteps, x_start.dtype, final_sigma)
-  predict = functools.partial(
-    _data_prediction,
-    d,
-    model_fn,
-    model_mean_type=model_mean_type,
-    model_var_type=model_var_type,
-    clip_denoised=clip_denoised,
-    dynamic_threshold=dynamic_threshold,
-  )
+  alpha, sigma, lam = tables
   orders = _unipc_orders(len(timesteps), order)
 
   def at(table, i):
