@@ -26,7 +26,7 @@ T_MIX = np.array([0, 1, 250, 500, T - 1], dtype=np.int32)
 # Moderate timesteps, where float32 round trips stay within ~1e-5.
 T_MODERATE = np.array([0, 1, 100, 250, 500], dtype=np.int32)
 
-REF_BETAS = np.linspace(1e-4, 0.02, T)  # REFERENCE.md: float64 linear schedule.
+REF_BETAS = np.linspace(1e-4, 0.02, T)  # The original's float64 linear schedule.
 REF_AC = np.cumprod(1.0 - REF_BETAS)
 REF_AC_PREV = np.concatenate([[1.0], REF_AC[:-1]])
 
@@ -513,7 +513,7 @@ def _grid_x0(seed: int, shape=SHAPE) -> np.ndarray:
 
 
 def _ref_decoder_loglik(x: np.ndarray, mean: np.ndarray, log_scale: np.ndarray) -> np.ndarray:
-  """REFERENCE.md's discretized Gaussian log-likelihood, in float64 NumPy."""
+  """The original code's discretized Gaussian log-likelihood, in float64 NumPy."""
   approx_cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
   inv = np.exp(-log_scale)
   cdf_plus = approx_cdf(inv * (x - mean + 1 / 255))

@@ -1,6 +1,6 @@
 """Tests of the variational bound in bits/dim (`ddpm_jax.likelihood`).
 
-Golden values come from /work/shared/REFERENCE.md; the other references are
+Golden values are the original DDPM code's, kept in this file; the other references are
 closed forms recomputed here in float64 NumPy (Gaussian KL, the discretized
 decoder, the Bayes posterior) or Monte Carlo estimates. The full-bound loop is
 checked with an oracle denoiser that knows x0, for which every KL term must
@@ -38,7 +38,7 @@ def _grid_x0(seed: int, shape=SHAPE) -> np.ndarray:
 
 
 def _ref_decoder_loglik(x, mean, log_scale) -> np.ndarray:
-  """REFERENCE.md's discretized Gaussian log-likelihood, float64 NumPy, nats."""
+  """The original code's discretized Gaussian log-likelihood, float64 NumPy, nats."""
   approx_cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
   centered = x - mean
   inv = np.exp(-np.asarray(log_scale, np.float64))

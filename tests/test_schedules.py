@@ -1,7 +1,7 @@
 """Tests of the beta schedules and the precomputed diffusion tables.
 
 Every schedule is checked against an independent float64 formula written from
-/work/shared/REFERENCE.md (element by element with `math`, not with the
+the original DDPM code's definitions (element by element with `math`, not with the
 vectorised NumPy of `ddpm_jax.schedules`), the tables against the golden
 values of the original DDPM code, and the float32 tables against the float64
 ones cast (they must not be accumulated in float32). Respacing is checked
@@ -38,7 +38,7 @@ def x64() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------
-# Independent float64 reference formulas (REFERENCE.md, "Tables").
+# Independent float64 reference formulas (the original code's tables).
 
 
 def _ref_linear(n: int) -> np.ndarray:
@@ -85,7 +85,7 @@ REFERENCE_BETAS: dict[str, Callable[[int], np.ndarray]] = {
 
 
 def _ref_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
-  """The tables of REFERENCE.md, computed with plain float64 NumPy."""
+  """The original code's tables, computed with plain float64 NumPy."""
   alphas = 1.0 - betas
   ac = np.cumprod(alphas)
   ac_prev = np.concatenate([[1.0], ac[:-1]])
@@ -162,7 +162,7 @@ def test_schedule_ignores_or_uses_range(name):
 
 
 # ---------------------------------------------------------------------------
-# Golden values (REFERENCE.md, linear unless named otherwise, T = 1000).
+# Golden values of the original code (linear unless named otherwise, T = 1000).
 
 GOLDEN = [
   ('linear', 'betas', 1, 1.1991991991991993e-04),
