@@ -693,6 +693,8 @@ def _check_solver_args(
     )
   if x_T is None:
     _check_rng(rng)
+    # The same initial-noise key as every other sampler: one seed, one x_T for all.
+    rng = jax.random.split(rng)[0]
   return shape, _initial_sample(d, shape, rng, x_T)
 
 

@@ -266,7 +266,8 @@ def test_no_key_and_no_x_T_is_a_clear_error():
 # ---------------------------------------------------------------------------
 # x_T for every sampler, and the two sampling fixes.
 
-ANCESTRAL = {
+# Every sampler draws x_T from the first half of its key, so one seed starts them all alike.
+EVERY_SAMPLER = {
   'p_sample_loop': sampling.p_sample_loop,
   'p_sample_loop_progressive': lambda *a, **k: sampling.p_sample_loop_progressive(
     *a, every=10, **k
@@ -274,16 +275,18 @@ ANCESTRAL = {
   'ddim_sample_loop': functools.partial(sampling.ddim_sample_loop, num_steps=5),
   'respaced_sample_loop': functools.partial(sampling.respaced_sample_loop, num_steps=5),
   'pc_sample_loop': sampling.pc_sample_loop,
+  'dpm_solver_sample_loop': functools.partial(sampling.dpm_solver_sample_loop, num_steps=5),
+  'unipc_sample_loop': functools.partial(sampling.unipc_sample_loop, num_steps=5),
 }
 
 
-@pytest.mark.parametrize('name', sorted(ANCESTRAL))
+@pytest.mark.parametrize('name', sorted(EVERY_SAMPLER))
 def test_x_T_replaces_the_initial_draw(name):
   d = diffusion.make_diffusion('linear', 20)
   model_fn = lambda x, t: 0.1 * x
   shape, key = (2, 4, 4, 1), jax.random.key(5)
   drawn = jax.random.normal(jax.random.split(key)[0], shape)
-  fn = ANCESTRAL[name]
+  fn = EVERY_SAMPLER[name]
   np.testing.assert_array_equal(fn(d, model_fn, shape, key, x_T=drawn), fn(d, model_fn, shape, key))
   other = fn(d, model_fn, shape, key, x_T=drawn + 1.0)
   assert not np.allclose(other, fn(d, model_fn, shape, key))
