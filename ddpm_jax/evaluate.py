@@ -167,10 +167,13 @@ def plot_rate_distortion(terms_bpd, prior_bpd, mse, path: str) -> None:
 # Sample quality.
 
 
-def _feature_extractor(
+def feature_extractor(
   config: ml_collections.ConfigDict, im: inference.InferenceModel, eval_dir: str
 ):
-  """(label, extract_fn(uint8 images) -> (features, logits), metadata)."""
+  """The config's sample-quality features: (metric label, extractor, metadata).
+
+  The extractor maps uint8 images [N, H, W, C] to (features, logits).
+  """
   name = config.eval.feature_extractor
   if name == 'domain':
     images, labels = input_pipeline.load_split_as_uint8(
@@ -206,7 +209,8 @@ def _feature_extractor(
   return 'FID', extractor, meta
 
 
-def _reference_statistics(config, split, extractor, eval_dir, tag):
+def reference_statistics(config, split, extractor, eval_dir, tag):
+  """(mu, sigma) of the split's features, cached in `eval_dir` as reference_<tag>_<split>.npz."""
   path = os.path.join(eval_dir, f'reference_{tag}_{split}.npz')
   if os.path.exists(path):
     return frechet.load_statistics(path)
@@ -223,7 +227,7 @@ def evaluate_sample_quality(
 ) -> dict[str, Any]:
   """Frechet distance to the train and eval splits, KID and Inception-style score."""
   eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
-  label, extractor, meta = _feature_extractor(config, im, eval_dir)
+  label, extractor, meta = feature_extractor(config, im, eval_dir)
   name = inference.sampler_name(config, im.step)
   samples = inference.generate_samples(
     config, im, config.eval.num_fid_samples, os.path.join(os.path.abspath(workdir), 'samples', name)
@@ -239,7 +243,7 @@ def evaluate_sample_quality(
     quantization='uint8, round((x + 1) * 127.5)',
   )
   for split in (config.data.train_split, config.data.eval_split):
-    ref_mu, ref_sigma = _reference_statistics(config, split, extractor, eval_dir, tag)
+    ref_mu, ref_sigma = reference_statistics(config, split, extractor, eval_dir, tag)
     results[f'fd_vs_{split}'] = float(frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma))
   train_images = input_pipeline.load_split_as_uint8(
     config, config.data.train_split, limit=len(samples)
