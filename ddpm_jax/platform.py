@@ -182,7 +182,8 @@ def initialize(
   distributed runtime).
 
   Args:
-    workdir: the run's directory (created; its parent must be writable).
+    workdir: the run's directory, local or gs:// (created; its parent, or
+      bucket, must be writable).
     coordinator_address: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).
     num_processes: processes in the run (default: $JAX_NUM_PROCESSES).
     process_id: this process, in [0, num_processes) (default: $JAX_PROCESS_ID).
@@ -222,7 +223,11 @@ def initialize(
     jax.device_count(),
     jax.devices()[0].platform,
   )
-  os.makedirs(workdir, exist_ok=True)
+  from ddpm_jax import files  # pylint: disable=g-import-not-at-top  (it imports JAX)
+
+  # A missing or forbidden bucket fails here, naming it, before any work.
+  files.check_storage(workdir)
+  files.makedirs(workdir)
 
 
 def _env_int(name: str) -> int | None:
