@@ -44,6 +44,7 @@ from ddpm_jax import files
 from ddpm_jax import images as images_lib
 from ddpm_jax import inference
 from ddpm_jax import input_pipeline
+from ddpm_jax import platform
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import streams
 from ddpm_jax import train_state as train_state_lib
@@ -334,6 +335,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
   if start_step == 0:
     writer.write_hparams(_flatten(json.loads(config_json)))
 
+  throughput = _Throughput(tc, mesh.devices.flat[0])
   last_step = tc.num_train_steps
   step = start_step
   pending: list[dict[str, jax.Array]] = []  # Per-step metrics, on device until a log step.
@@ -350,6 +352,8 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
   try:
     while step < last_step:
       batch = sharding_lib.host_to_global(_stack_batches(data, k), mesh, leading_axes=1)
+      if not throughput.known:  # The call below reuses this compilation.
+        throughput.measure(train_fn.lower(state, batch, seed_key).compile())
       state, metrics = train_fn(state, batch, seed_key)
       pending.append(metrics)
       step += k
@@ -357,7 +361,9 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
       preempted = preemption.reached(step // k)
 
       if _is_due(step, tc.log_every_steps, last_step) or preempted:
-        last_metrics = _log(step, last_step, pending, state, timer, writer, metrics_log, tc)
+        last_metrics = _log(
+          step, last_step, pending, state, timer, writer, metrics_log, tc, throughput
+        )
         pending, timer = [], (step, time.time())
         ckpt.poll()  # A failed background save stops the run here, not a save later.
         check_lock()
@@ -387,7 +393,9 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
   return last_metrics
 
 
-def _log(step, last_step, pending, state, timer, writer, metrics_log, tc) -> dict[str, float]:
+def _log(
+  step, last_step, pending, state, timer, writer, metrics_log, tc, throughput
+) -> dict[str, float]:
   """Writes the per-step metrics since the last log step; stops a diverged run."""
   # One transfer for everything since the last log step.
   per_call, nonfinite_in_a_row = jax.device_get((pending, state.nonfinite_in_a_row))
@@ -405,16 +413,23 @@ def _log(step, last_step, pending, state, timer, writer, metrics_log, tc) -> dic
   steps_per_sec = (step - timer_step) / max(time.time() - timer_time, 1e-9)
   metrics['steps_per_sec'] = steps_per_sec
   metrics['skipped_steps'] = float(count - finite.sum())
+  metrics.update(throughput.metrics(steps_per_sec))
   writer.write_scalars(step, metrics)
   eta = (last_step - step) / max(steps_per_sec, 1e-9)
+  rates = f'{metrics["images_per_sec"]:.1f} images/s'
+  if 'tflops_per_device' in metrics:
+    rates += f'  {metrics["tflops_per_device"]:.3g} TFLOP/s/device'
+  if 'mfu' in metrics:
+    rates += f'  MFU {100 * metrics["mfu"]:.1f}%'
   logging.info(
-    'step %d/%d (%.1f%%)  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s',
+    'step %d/%d (%.1f%%)  loss %.5f  grad_norm %.3f  %.2f steps/s  %s  ETA %s',
     step,
     last_step,
     100.0 * step / last_step,
     metrics['loss'],
     metrics['grad_norm'],
     steps_per_sec,
+    rates,
     _format_seconds(eta),
   )
   if int(nonfinite_in_a_row) >= tc.max_consecutive_nonfinite:
@@ -444,6 +459,53 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       flat[f'{prefix}{key}'] = value if isinstance(value, (int, float, str, bool)) else str(value)
   return flat
+
+
+class _Throughput:
+  """Images/s, model TFLOP/s per device and MFU, from the compiled step's cost analysis.
+
+  The FLOPs are XLA's count for the compiled (partitioned) training call on
+  one device, so they include the backward pass and the optimizer. MFU is
+  that rate over the device's peak (`training.peak_tflops`, else
+  `platform.PEAK_TFLOPS`), and is left out, with the reason logged once,
+  where the peak is unknown (CPU, an unlisted accelerator).
+  """
+
+  def __init__(self, tc: ml_collections.ConfigDict, device: jax.Device):
+    self._tc = tc
+    self._flops_per_step: float | None = None
+    self.peak = tc.peak_tflops or platform.peak_tflops(device.device_kind)
+    if self.peak is None:
+      logging.info(
+        'MFU is left out of the logs: no peak FLOP/s is known for device kind %r '
+        '(set training.peak_tflops to give one).',
+        device.device_kind,
+      )
+
+  @property
+  def known(self) -> bool:
+    return self._flops_per_step is not None
+
+  def measure(self, compiled: Any) -> None:
+    """Reads the FLOPs of one call from a `jax.stages.Compiled`."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
+      analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get('flops')
+    if flops and flops > 0:
+      self._flops_per_step = float(flops) / self._tc.steps_per_call
+    else:
+      self._flops_per_step = 0.0
+      logging.info('XLA gave no FLOP count for the training step: TFLOP/s and MFU left out.')
+
+  def metrics(self, steps_per_sec: float) -> dict[str, float]:
+    found = {'images_per_sec': steps_per_sec * self._tc.batch_size}
+    if self._flops_per_step:
+      tflops = self._flops_per_step * steps_per_sec / 1e12
+      found['tflops_per_device'] = tflops
+      if self.peak:
+        found['mfu'] = tflops / self.peak
+    return found
 
 
 def _format_seconds(seconds: float) -> str:
