@@ -231,8 +231,8 @@ def append_text(path: PathLike, text: str) -> None:
     target.compose([target, part], if_generation_match=generation)
   except exceptions.PreconditionFailed:
     # A retry of a compose that had succeeded: the object already ends with the part.
-    target.reload()
-    if target.size != size + len(data):
+    now = target.bucket.get_blob(target.name)
+    if now is None or now.size != size + len(data):
       raise
   finally:
     part.delete()
@@ -343,12 +343,11 @@ class ObjectLease:
         return blob.generation
       except exceptions.PreconditionFailed:
         pass
-      try:
-        blob.reload()
-      except exceptions.NotFound:
+      current = self._current()
+      if current is None:
         time.sleep(0.1)
         continue  # Released in between: try to create it again.
-      generation = blob.generation
+      generation = current.generation
       if watched is None:
         holder, lease = self._holder()
         logging.warning(
@@ -370,10 +369,18 @@ class ObjectLease:
         return blob.generation
       time.sleep(min(1.0, watched[3] / 8))
 
+  def _current(self):
+    """The lease object as it is now (None when absent).
+
+    A fresh Blob each time: a Blob that has read a generation asks for that
+    generation again, which is gone once the holder renews.
+    """
+    return self._blob.bucket.get_blob(self._blob.name)
+
   def _holder(self) -> tuple[str, float]:
     """(the holder's record, its lease in seconds, at least ours)."""
     try:
-      holder = self._blob.download_as_text()
+      holder = self._blob.bucket.blob(self._blob.name).download_as_text()
       lease = float(json.loads(holder).get('lease_seconds', 0))
     except Exception:  # pylint: disable=broad-except
       return 'an unknown holder', self.seconds
@@ -415,9 +422,9 @@ class ObjectLease:
 
   def _still_ours(self) -> bool:
     try:
-      self._blob.reload()
-      generation = self._blob.generation
-      record = json.loads(self._blob.download_as_text(if_generation_match=generation))
+      current = self._current()
+      generation = current.generation
+      record = json.loads(current.download_as_text(if_generation_match=generation))
     except Exception:  # pylint: disable=broad-except
       return False
     if record.get('id') != self._id:
