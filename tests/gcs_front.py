@@ -20,7 +20,7 @@ answers the bucket-layout request TF makes before renaming a directory
 (flat namespace), which the server does not serve.
 
 Faults, switched by files in --control: `down` makes the front drop every
-request (the storage service unreachable); a bucket named `forbidden-*`
+request (the storage service unreachable), listing each in `dropped`; a bucket named `forbidden-*`
 answers 403 to everything (no permission). `ready` appears once both serve.
 Run it inside a network namespace holding only loopback (tests/gcs_harness.py).
 """
@@ -68,11 +68,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def do_CONNECT(self):
     host = self.path.rsplit(':', 1)[0]
-    if host not in GOOGLE_HOSTS or self._down():
+    if host not in GOOGLE_HOSTS:
       self.close_connection = True
-      if host not in GOOGLE_HOSTS:
-        self.send_error(403, f'This front only serves {GOOGLE_HOSTS}')
+      self.send_error(403, f'This front only serves {GOOGLE_HOSTS}')
       return
+    # When down, the tunnel still opens, and its requests are dropped (and listed).
     self.send_response(200, 'Connection established')
     self.end_headers()
     self.wfile.flush()
@@ -85,7 +85,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self.close_connection = True
 
   def _down(self) -> bool:
-    return os.path.exists(os.path.join(self.options.control, 'down'))
+    if not os.path.exists(os.path.join(self.options.control, 'down')):
+      return False
+    # What the outage hit, for the test to check that it hit something.
+    with open(os.path.join(self.options.control, 'dropped'), 'a') as f:
+      f.write(f'{self.command} {self.headers.get("Host", "")}{self.path}\n')
+    return True
 
   def _forward(self):
     if self._down():

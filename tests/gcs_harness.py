@@ -136,6 +136,14 @@ class GcsServer:
     assert url.startswith('gs://'), url
     return os.path.join(self.root, url[len('gs://') :])
 
+  def dropped(self) -> list[str]:
+    """The requests dropped while the service was down: 'METHOD host/path'."""
+    path = os.path.join(self.control, 'dropped')
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      return f.read().splitlines()
+
   def set_down(self, down: bool) -> None:
     """Makes the storage service unreachable (every request dropped), or reachable again."""
     flag = os.path.join(self.control, 'down')

@@ -12,8 +12,9 @@ runs are shared between the assertions:
     answers 403, on an unprepared data dir;
   * 'killed': SIGKILL as soon as checkpoint 4's first object appears on the
     server, i.e. in the middle of its upload;
-  * 'resumed': the same command again; it pauses at step 3 while a second
-    trainer is refused, then the server is unreachable for a few seconds;
+  * 'resumed': the same command again; it pauses after step 3 while a second
+    trainer is refused, then the server is unreachable for a few seconds
+    from the moment checkpoint 4 is being uploaded again;
   * 'sample', 'eval': --mode=sample and --mode=eval on the same workdir;
   * two processes (JAX's distributed runtime) whose only shared storage is
     the server: each has its own copy of the data.
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 import types
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -143,9 +145,18 @@ def runs(server, data_dirs, tmp_path_factory):
   second = _start(server, WORKDIR, flags, logs['second'], th.MAIN)
   results['second'] = th.finish(second, logs['second'])
   assert resumed.poll() is None, 'the resumed trainer ended while paused'
-  # Unreachable storage while step 4 runs, is logged and checkpoint 4 saved.
-  server.set_down(True)
+  # Unreachable storage as soon as checkpoint 4 is being uploaded again.
+  released = time.time()
   open(go_on, 'w').close()
+
+  def uploading_again():
+    return any(
+      os.path.getmtime(os.path.join(checkpoint_4, name)) > released
+      for name in _files_under(checkpoint_4)
+    )
+
+  _wait_for(uploading_again, resumed, 'checkpoint 4 uploading again')
+  server.set_down(True)
   time.sleep(OUTAGE_S)
   server.set_down(False)
   outage_while_running = resumed.poll() is None
@@ -166,6 +177,7 @@ def runs(server, data_dirs, tmp_path_factory):
     results=results,
     uploaded_at_kill=uploaded_at_kill,
     outage_while_running=outage_while_running,
+    dropped=server.dropped(),
     workdir=server.path(WORKDIR),
     unprepared=unprepared[1],
   )
@@ -223,8 +235,10 @@ def test_a_second_trainer_on_a_gs_workdir_in_use_is_refused(runs):
 
 
 def test_storage_unreachable_for_seconds_mid_run_loses_no_step(runs):
-  # The trainer lived through the outage and finished (the test above: all
-  # six steps once, bit for bit); the clients retried.
+  # The outage hit checkpoint 4's upload...
+  assert any('checkpoints/4/' in urllib.parse.unquote(r) for r in runs.dropped), runs.dropped
+  # ...and the trainer lived through it and finished (the test above: all six
+  # steps once, bit for bit): the clients retried.
   assert runs.outage_while_running
   code, output = runs.results['resumed']
   assert code == 0, output[-5000:]
