@@ -12,8 +12,9 @@ uploaded whole, and Cloud Storage shows it only once complete. Appends,
 which objects do not have, are composed on the server (`append_text`). The
 batch loop writes each finished batch as its own file at once and skips the
 ones a previous, interrupted run already wrote, so a long job resumes where
-it stopped and ends with the same result. docs/reliability.md has what
-replaces rename, append and flock on object storage.
+it stopped and ends with the same result. On object storage an exclusive
+lease (`ObjectLease`) stands in for an flock. docs/reliability.md has what
+replaces rename, append and flock there.
 """
 
 import io
@@ -67,10 +68,12 @@ def makedirs(path: PathLike) -> None:
 
 
 def read_bytes(path: PathLike) -> bytes:
+  """The whole file (or object)."""
   return as_path(path).read_bytes()
 
 
 def read_text(path: PathLike) -> str:
+  """The whole file (or object), as text."""
   return as_path(path).read_text()
 
 

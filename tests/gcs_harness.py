@@ -18,11 +18,15 @@ import sys
 import time
 from collections.abc import Sequence
 
+import trainer_harness as th
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRONT = os.path.join(REPO, 'tests', 'gcs_front.py')
 # The namespace is the server's own, so fixed ports cannot clash with anything.
 FRONT_PORT, SERVER_PORT = 4443, 4444
 BUCKET = 'ddpm-test'
+# A crashed trainer's lease on a workdir is taken over after this many seconds.
+LEASE_S = 4
 
 
 def unavailable_reason() -> str | None:
@@ -151,3 +155,29 @@ class GcsServer:
       open(flag, 'w').close()
     elif os.path.exists(flag):
       os.remove(flag)
+
+
+def serve(tmp_path_factory):
+  """A module fixture's body: a started server, stopped at the end."""
+  server = GcsServer(str(tmp_path_factory.mktemp('gcs'))).start()
+  yield server
+  server.stop()
+
+
+def start_trainer(server, workdir, flags, log_path, script=th.LAUNCHER, **env):
+  """main.py (or `script`) with `flags` inside the server's network namespace, output to `log_path`."""
+  cmd = server.command([sys.executable, script, f'--workdir={workdir}', *flags])
+  environment = th.child_env(**{**server.env(), 'DDPM_JAX_LEASE_SECONDS': str(LEASE_S), **env})
+  with open(log_path, 'w') as log:
+    return subprocess.Popen(
+      cmd, cwd=th.REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def files_under(directory):
+  """Every file under `directory` (objects on the server), relative to it, sorted."""
+  return sorted(
+    os.path.relpath(os.path.join(root, name), directory)
+    for root, _, names in os.walk(directory)
+    for name in names
+  )
