@@ -77,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 20_000  # 0 = never.
   training.num_sample_images = 64  # Images in each periodic sample grid.
   training.max_consecutive_nonfinite = 10  # Skipped non-finite steps in a row before stopping.
+  # Peak TFLOP/s of one device for the logged MFU; 0 = from the table in ddpm_jax/platform.py.
+  training.peak_tflops = 0.0
 
   # Sampling (--mode=sample and the periodic grids).
   config.sampling = sampling = ml_collections.ConfigDict()

@@ -7,8 +7,10 @@ state with EMA parameters and the step, saved with `StandardSave`) and
 A state is restored onto `abstract_train_state`'s shapes and shardings, after
 `check_resume_compatible` has compared the saved config with the current one.
 
-Commits are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames
-it), an unreadable newest step falls back to the next older one, and a
+Commits are atomic: on a local disk Orbax writes `<step>.orbax-checkpoint-tmp`
+and renames it; on gs:// (no renames) it writes `<step>/` in place and
+commits it by writing `<step>/commit_success.txt` last, and a step without
+that marker is not a step. An unreadable newest step falls back to the next older one, and a
 failing save names its step and leaves older steps intact; docs/reliability.md
 has the whole story and the tests that prove it.
 """
@@ -28,6 +30,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ddpm_jax import errors
+from ddpm_jax import files
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import train_state as train_state_lib
 
@@ -88,12 +91,12 @@ class Checkpointer:
     """Opens (or creates) a checkpoint directory.
 
     Args:
-      directory: where the step folders live; made absolute.
+      directory: where the step folders live, local (made absolute) or gs://.
       max_to_keep: how many of the latest committed steps to keep (None: all).
       async_save: write in a background thread while training continues.
       read_only: never create, delete or write anything (sampling, eval).
     """
-    self.directory = os.path.abspath(directory)
+    self.directory = files.absolute(directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=not read_only,
@@ -111,6 +114,8 @@ class Checkpointer:
     )
     # The step of the newest save started, so a failure surfacing later can name it.
     self._saving_step: int | None = None
+    # The newest step known to be committed, for error messages when storage is unreachable.
+    self._committed_step: int | None = self._manager.latest_step()
 
   def all_steps(self) -> Sequence[int]:
     """Committed steps, ascending."""
@@ -158,7 +163,7 @@ class Checkpointer:
     with self._failures_named(self._saving_step):
       self._manager.wait_until_finished()
       self._manager.check_for_errors()
-    self._saving_step = None
+    self._committed_step, self._saving_step = self._saving_step, None
 
   def restore(
     self,
@@ -233,7 +238,7 @@ class Checkpointer:
       for step in steps:
         source = os.path.join(self.directory, str(step))
         target = f'{source}.unreadable-{stamp}'
-        os.rename(source, target)
+        files.as_path(source).rename(target)
         logging.error('Moved the unreadable checkpoint of step %d to %s.', step, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('ddpm_jax_checkpoint_set_aside')
@@ -282,7 +287,13 @@ class Checkpointer:
       raise
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and the file system raise many types (OSError, ValueError, ...).
+      committed = (
+        'no step is committed yet'
+        if self._committed_step is None
+        else f'the newest committed step is {self._committed_step}'
+      )
       raise CheckpointError(
         f'Saving the checkpoint of step {step} to {self.directory} failed: '
-        f'{type(e).__name__}: {e}. Older committed steps are intact.'
+        f'{type(e).__name__}: {e}. Older committed steps are intact ({committed}); '
+        'run the same command to resume from there.'
       ) from e

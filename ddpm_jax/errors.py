@@ -2,7 +2,7 @@
 
 Each is re-exported by the module whose callers meet it first
 (`config_validation.ConfigError`, `train.TrainingError`,
-`checkpointing.CheckpointError`); catch them under either name.
+`checkpointing.CheckpointError`, `files.StorageError`); catch them under either name.
 """
 
 
@@ -16,3 +16,7 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be saved or restored."""
+
+
+class StorageError(RuntimeError):
+  """The workdir's storage cannot be used (a missing bucket, no permission)."""

@@ -33,8 +33,8 @@ from ddpm_jax.metrics import frechet
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `--mode=eval` on the newest checkpoint; returns the results dict."""
   im = inference.load_inference_model(config, workdir)
-  eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
-  os.makedirs(eval_dir, exist_ok=True)
+  eval_dir = os.path.join(files.absolute(workdir), 'eval')
+  files.makedirs(eval_dir)
   results: dict[str, Any] = {'step': im.step, 'dataset': config.data.dataset}
   results['bpd'] = evaluate_bpd(config, im, eval_dir)
   results['sample_quality'] = evaluate_sample_quality(config, im, workdir)
@@ -212,7 +212,7 @@ def feature_extractor(
 def reference_statistics(config, split, extractor, eval_dir, tag):
   """(mu, sigma) of the split's features, cached in `eval_dir` as reference_<tag>_<split>.npz."""
   path = os.path.join(eval_dir, f'reference_{tag}_{split}.npz')
-  if os.path.exists(path):
+  if files.exists(path):
     return frechet.load_statistics(path)
   images = input_pipeline.load_split_as_uint8(config, split)
   features, _ = extractor(images)
@@ -226,11 +226,11 @@ def evaluate_sample_quality(
   config: ml_collections.ConfigDict, im: inference.InferenceModel, workdir: str
 ) -> dict[str, Any]:
   """Frechet distance to the train and eval splits, KID and Inception-style score."""
-  eval_dir = os.path.join(os.path.abspath(workdir), 'eval')
+  eval_dir = os.path.join(files.absolute(workdir), 'eval')
   label, extractor, meta = feature_extractor(config, im, eval_dir)
   name = inference.sampler_name(config, im.step)
   samples = inference.generate_samples(
-    config, im, config.eval.num_fid_samples, os.path.join(os.path.abspath(workdir), 'samples', name)
+    config, im, config.eval.num_fid_samples, os.path.join(files.absolute(workdir), 'samples', name)
   )
   features, logits = extractor(samples)
   mu, sigma = frechet.feature_statistics(features)

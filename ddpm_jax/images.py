@@ -1,10 +1,11 @@
 """Turning model-space images into pixels: uint8 conversion, grids, PNG files."""
 
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from ddpm_jax import files
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -35,14 +36,12 @@ def make_grid(
   return grid
 
 
-def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
+def save_png(image: np.ndarray, path: files.PathLike, upscale: int = 1) -> None:
   """Writes a uint8 [H, W, C] image (C in 1, 3) to `path`, creating folders."""
   image = np.asarray(image)
   if image.shape[-1] == 1:
     image = image[..., 0]
   if upscale > 1:
     image = np.repeat(np.repeat(image, upscale, axis=0), upscale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  Image.fromarray(image).save(tmp, format='PNG')
-  os.replace(tmp, path)  # Never leave a half-written PNG behind.
+  # Never leave a half-written PNG behind.
+  files.atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format='PNG'))

@@ -178,8 +178,9 @@ def load_inference_model(
   """
   mesh = sharding_lib.make_mesh()
   config_validation.validate(config, num_devices=mesh.devices.size)
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
+  files.check_storage(workdir)
+  directory = os.path.join(files.absolute(workdir), 'checkpoints')
+  if not files.as_path(directory).is_dir():
     raise checkpointing.CheckpointError(
       f'No checkpoint in {directory}: train first with --mode=train and this --workdir.'
     )

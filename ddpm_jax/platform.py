@@ -182,7 +182,8 @@ def initialize(
   distributed runtime).
 
   Args:
-    workdir: the run's directory (created; its parent must be writable).
+    workdir: the run's directory, local or gs:// (created; its parent, or
+      bucket, must be writable).
     coordinator_address: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).
     num_processes: processes in the run (default: $JAX_NUM_PROCESSES).
     process_id: this process, in [0, num_processes) (default: $JAX_PROCESS_ID).
@@ -222,7 +223,38 @@ def initialize(
     jax.device_count(),
     jax.devices()[0].platform,
   )
-  os.makedirs(workdir, exist_ok=True)
+  from ddpm_jax import files  # pylint: disable=g-import-not-at-top  (it imports JAX)
+
+  # A missing or forbidden bucket fails here, naming it, before any work.
+  files.check_storage(workdir)
+  files.makedirs(workdir)
+
+
+# Dense bf16 peak TFLOP/s of one device (a TPU chip, a GPU), from the vendors'
+# data sheets: the usual denominator of MFU. Keys are lower-case fragments of
+# `jax.Device.device_kind`, most specific first.
+PEAK_TFLOPS = (
+  ('v5 lite', 197.0),  # TPU v5e
+  ('v5e', 197.0),
+  ('v5p', 459.0),
+  ('v5', 459.0),  # TPU v5p reports 'TPU v5'
+  ('v6 lite', 918.0),  # TPU v6e (Trillium)
+  ('v6e', 918.0),
+  ('v4', 275.0),
+  ('h200', 989.0),
+  ('h100 pcie', 756.0),
+  ('h100', 989.0),  # SXM
+  ('a100', 312.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The dense bf16 peak TFLOP/s of a device kind, or None when it is not in `PEAK_TFLOPS`."""
+  kind = device_kind.lower()
+  for fragment, tflops in PEAK_TFLOPS:
+    if fragment in kind:
+      return tflops
+  return None
 
 
 def _env_int(name: str) -> int | None:

@@ -26,7 +26,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs `--mode=sample`; returns the path of the written .npz."""
   im = inference.load_inference_model(config, workdir)
   name = inference.sampler_name(config, im.step)
-  samples_dir = os.path.join(os.path.abspath(workdir), 'samples')
+  samples_dir = os.path.join(files.absolute(workdir), 'samples')
   images = inference.generate_samples(
     config, im, config.sampling.num_samples, os.path.join(samples_dir, name)
   )

@@ -8,8 +8,9 @@ the same workdir resumes from the newest committed checkpoint; data order and
 randomness depend only on (seed, step), so a resumed run continues exactly as
 an uninterrupted one would, bit for bit.
 
-What happens on a bad config, a second trainer, preemption, a crash, an
-unreadable or failing checkpoint and non-finite steps is in
+The workdir is a local folder or a gs:// URL (docs/tpu_vm.md). What happens
+on a bad config, a second trainer, preemption, a crash, an unreadable or
+failing checkpoint, non-finite steps and object storage is in
 docs/reliability.md, with the test that proves each.
 
 Per-step metrics go to `workdir/metrics.jsonl` (one JSON object per step:
@@ -43,6 +44,7 @@ from ddpm_jax import files
 from ddpm_jax import images as images_lib
 from ddpm_jax import inference
 from ddpm_jax import input_pipeline
+from ddpm_jax import platform
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import streams
 from ddpm_jax import train_state as train_state_lib
@@ -51,14 +53,40 @@ METRICS_FILE = 'metrics.jsonl'
 TrainingError = errors.TrainingError
 
 
+# Seconds a trainer on object storage may go without renewing its lease on
+# the workdir before another one may take over (the restart after a crash
+# waits this long); it renews every quarter of that.
+LEASE_SECONDS_ENV = 'DDPM_JAX_LEASE_SECONDS'
+DEFAULT_LEASE_SECONDS = 60.0
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
   """Holds an exclusive lock on the workdir; a second trainer is refused.
 
-  The lock is an flock, so it goes away with the process however that ends.
+  Locally the lock is an flock, so it goes away with the process however
+  that ends. On object storage it is a lease (`files.ObjectLease`): an
+  object created only if absent and renewed by a heartbeat; a crashed
+  trainer's lease is taken over once it has not been renewed for
+  $DDPM_JAX_LEASE_SECONDS (default 60).
+
+  Yields:
+    A callable that raises TrainingError if the lock was lost (object storage
+    only: the lease went unrenewed long enough for another trainer to take it).
   """
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, '.train.lock')
+  if files.is_url(workdir):
+    seconds = float(os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
+    try:
+      lease = files.ObjectLease(path, seconds=seconds)
+    except files.LeaseHeld as e:
+      raise TrainingError(
+        f'{workdir} is in use by another trainer ({e}); stop it first or use another --workdir.'
+      ) from None
+    with lease:
+      yield lease.check
+    return
+  os.makedirs(workdir, exist_ok=True)
   with open(path, 'a+') as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -68,7 +96,7 @@ def workdir_lock(workdir: str):
         'stop it first or use another --workdir.'
       ) from None
     try:
-      yield
+      yield lambda: None
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -126,17 +154,16 @@ class _MetricsLog:
 
   def truncate_after(self, step: int) -> None:
     """Drops records of steps after `step` (replayed after a resume) and torn lines."""
-    if not self._enabled or not os.path.exists(self.path):
+    if not self._enabled or not files.exists(self.path):
       return
     kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # The last line of a killed run may be half written.
-        if record['step'] <= step:
-          kept.append(json.dumps(record))
+    for line in files.read_text(self.path).splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # The last line of a killed run may be half written.
+      if record['step'] <= step:
+        kept.append(json.dumps(record))
     files.write_text(self.path, ''.join(line + '\n' for line in kept))
 
   def append(self, first_step: int, per_step: dict[str, np.ndarray]) -> None:
@@ -145,11 +172,13 @@ class _MetricsLog:
       return
     names = sorted(per_step)
     count = len(per_step[names[0]])
-    with open(self.path, 'a') as f:
-      for i in range(count):
-        record = {'step': first_step + i}
-        record.update({name: float(per_step[name][i]) for name in names})
-        f.write(json.dumps(record) + '\n')
+    lines = []
+    for i in range(count):
+      record = {'step': first_step + i}
+      record.update({name: float(per_step[name][i]) for name in names})
+      lines.append(json.dumps(record) + '\n')
+    # One append (on object storage, one server-side compose) per log step.
+    files.append_text(self.path, ''.join(lines))
 
 
 @jax.jit
@@ -188,7 +217,8 @@ def train_and_evaluate(
 
   Args:
     config: the experiment config (see configs/default.py).
-    workdir: checkpoints, TensorBoard logs, metrics.jsonl and sample grids go here.
+    workdir: checkpoints, TensorBoard logs, metrics.jsonl and sample grids go
+      here; a local folder or a gs:// URL.
     devices: the devices to train on (default: every device of every process).
 
   Returns:
@@ -198,22 +228,26 @@ def train_and_evaluate(
     config_validation.ConfigError: the config cannot work (nothing was done).
     TrainingError: the workdir is in use, its checkpoint has another model
       or process, or training diverged.
+    files.StorageError: the workdir's bucket is missing or forbidden.
     checkpointing.CheckpointError: no checkpoint could be restored, or a
       save failed.
   """
   mesh = sharding_lib.make_mesh(devices)
   config_validation.validate(config, num_devices=mesh.devices.size)
-  workdir = os.path.abspath(workdir)
+  workdir = files.absolute(workdir)
+  # A missing or forbidden bucket fails here, naming it, before any work.
+  files.check_storage(workdir)
   is_chief = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
+    check_lock = lambda: None
     if is_chief:  # The other processes share the chief's workdir.
-      stack.enter_context(workdir_lock(workdir))
+      check_lock = stack.enter_context(workdir_lock(workdir))
     ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'), max_to_keep=config.training.keep_checkpoints
     )
     stack.callback(ckpt.close)
     preemption = stack.enter_context(_Preemption(ckpt))
-    return _train(config, workdir, mesh, ckpt, preemption, is_chief)
+    return _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock)
 
 
 def _restore(config, workdir, mesh, ckpt, model, image_shape):
@@ -251,7 +285,7 @@ def _create(config, workdir, mesh, model, image_shape, is_chief):
   return state, 0
 
 
-def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> dict[str, float]:
+def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dict[str, float]:
   tc = config.training
   model, d, image_shape = inference.build_model_and_diffusion(config)
   config_json = config.to_json_best_effort()
@@ -301,6 +335,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> dict[str, float
   if start_step == 0:
     writer.write_hparams(_flatten(json.loads(config_json)))
 
+  throughput = _Throughput(tc, mesh.devices.flat[0])
   last_step = tc.num_train_steps
   step = start_step
   pending: list[dict[str, jax.Array]] = []  # Per-step metrics, on device until a log step.
@@ -317,6 +352,8 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> dict[str, float
   try:
     while step < last_step:
       batch = sharding_lib.host_to_global(_stack_batches(data, k), mesh, leading_axes=1)
+      if not throughput.known:  # The call below reuses this compilation.
+        throughput.measure(train_fn.lower(state, batch, seed_key).compile())
       state, metrics = train_fn(state, batch, seed_key)
       pending.append(metrics)
       step += k
@@ -324,9 +361,12 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> dict[str, float
       preempted = preemption.reached(step // k)
 
       if _is_due(step, tc.log_every_steps, last_step) or preempted:
-        last_metrics = _log(step, last_step, pending, state, timer, writer, metrics_log, tc)
+        last_metrics = _log(
+          step, last_step, pending, state, timer, writer, metrics_log, tc, throughput
+        )
         pending, timer = [], (step, time.time())
         ckpt.poll()  # A failed background save stops the run here, not a save later.
+        check_lock()
 
       if sample_fn is not None and _is_due(step, tc.sample_every_steps, last_step):
         # The same key every time, so successive grids show the same samples improving.
@@ -353,7 +393,9 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief) -> dict[str, float
   return last_metrics
 
 
-def _log(step, last_step, pending, state, timer, writer, metrics_log, tc) -> dict[str, float]:
+def _log(
+  step, last_step, pending, state, timer, writer, metrics_log, tc, throughput
+) -> dict[str, float]:
   """Writes the per-step metrics since the last log step; stops a diverged run."""
   # One transfer for everything since the last log step.
   per_call, nonfinite_in_a_row = jax.device_get((pending, state.nonfinite_in_a_row))
@@ -371,16 +413,23 @@ def _log(step, last_step, pending, state, timer, writer, metrics_log, tc) -> dic
   steps_per_sec = (step - timer_step) / max(time.time() - timer_time, 1e-9)
   metrics['steps_per_sec'] = steps_per_sec
   metrics['skipped_steps'] = float(count - finite.sum())
+  metrics.update(throughput.metrics(steps_per_sec))
   writer.write_scalars(step, metrics)
   eta = (last_step - step) / max(steps_per_sec, 1e-9)
+  rates = f'{metrics["images_per_sec"]:.1f} images/s'
+  if 'tflops_per_device' in metrics:
+    rates += f'  {metrics["tflops_per_device"]:.3g} TFLOP/s/device'
+  if 'mfu' in metrics:
+    rates += f'  MFU {100 * metrics["mfu"]:.1f}%'
   logging.info(
-    'step %d/%d (%.1f%%)  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s',
+    'step %d/%d (%.1f%%)  loss %.5f  grad_norm %.3f  %.2f steps/s  %s  ETA %s',
     step,
     last_step,
     100.0 * step / last_step,
     metrics['loss'],
     metrics['grad_norm'],
     steps_per_sec,
+    rates,
     _format_seconds(eta),
   )
   if int(nonfinite_in_a_row) >= tc.max_consecutive_nonfinite:
@@ -410,6 +459,53 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       flat[f'{prefix}{key}'] = value if isinstance(value, (int, float, str, bool)) else str(value)
   return flat
+
+
+class _Throughput:
+  """Images/s, model TFLOP/s per device and MFU, from the compiled step's cost analysis.
+
+  The FLOPs are XLA's count for the compiled (partitioned) training call on
+  one device, so they include the backward pass and the optimizer. MFU is
+  that rate over the device's peak (`training.peak_tflops`, else
+  `platform.PEAK_TFLOPS`), and is left out, with the reason logged once,
+  where the peak is unknown (CPU, an unlisted accelerator).
+  """
+
+  def __init__(self, tc: ml_collections.ConfigDict, device: jax.Device):
+    self._tc = tc
+    self._flops_per_step: float | None = None
+    self.peak = tc.peak_tflops or platform.peak_tflops(device.device_kind)
+    if self.peak is None:
+      logging.info(
+        'MFU is left out of the logs: no peak FLOP/s is known for device kind %r '
+        '(set training.peak_tflops to give one).',
+        device.device_kind,
+      )
+
+  @property
+  def known(self) -> bool:
+    return self._flops_per_step is not None
+
+  def measure(self, compiled: Any) -> None:
+    """Reads the FLOPs of one call from a `jax.stages.Compiled`."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
+      analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get('flops')
+    if flops and flops > 0:
+      self._flops_per_step = float(flops) / self._tc.steps_per_call
+    else:
+      self._flops_per_step = 0.0
+      logging.info('XLA gave no FLOP count for the training step: TFLOP/s and MFU left out.')
+
+  def metrics(self, steps_per_sec: float) -> dict[str, float]:
+    found = {'images_per_sec': steps_per_sec * self._tc.batch_size}
+    if self._flops_per_step:
+      tflops = self._flops_per_step * steps_per_sec / 1e12
+      found['tflops_per_device'] = tflops
+      if self.peak:
+        found['mfu'] = tflops / self.peak
+    return found
 
 
 def _format_seconds(seconds: float) -> str:

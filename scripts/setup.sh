@@ -4,7 +4,8 @@
 # environment in .venv with the pinned requirements. Safe to re-run.
 #
 #   scripts/setup.sh          # runtime
-#   scripts/setup.sh --peers  # plus the test/benchmark peers (torch CPU, diffusers)
+#   scripts/setup.sh --peers  # plus the test/benchmark peers (torch CPU, diffusers) and
+#                             # the tools of the GCS tests (openssl, unshare, ip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,10 +13,21 @@ PYTHON=${PYTHON:-python3}
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
+APT_PACKAGES=""
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  echo "==> Installing Debian's dataset-fashion-mnist"
+  APT_PACKAGES="dataset-fashion-mnist"
+fi
+if [ "${1:-}" = "--peers" ]; then
+  # tests/test_gcs.py: a throwaway CA (openssl) and a network namespace (unshare, nsenter, ip).
+  command -v openssl >/dev/null || APT_PACKAGES="$APT_PACKAGES openssl"
+  command -v nsenter >/dev/null || APT_PACKAGES="$APT_PACKAGES util-linux"
+  command -v ip >/dev/null || APT_PACKAGES="$APT_PACKAGES iproute2"
+fi
+if [ -n "$APT_PACKAGES" ]; then
+  echo "==> Installing Debian packages:$APT_PACKAGES"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $APT_PACKAGES >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

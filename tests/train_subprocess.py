@@ -8,6 +8,9 @@ takes main.py's flags. Faults come from the environment (all optional):
       to this process when the batch of global step STEP is drawn, i.e. with
       the steps before it dispatched and possibly still running.
   DDPM_TEST_SIGNAL_PROCESS=I  only process I of a multi-process run does so.
+  DDPM_TEST_WAIT_AT_STEP=STEP:PATH  when the batch of global step STEP is
+      drawn, waits until the file PATH exists (a test orchestrates faults
+      around a trainer paused at a known step).
   DDPM_TEST_KILL_AT_COMMIT=STEP  SIGKILL while checkpoint STEP is committed:
       its files are complete and marked successful inside the temporary
       folder, but the rename that commits it has not happened.
@@ -16,6 +19,7 @@ takes main.py's flags. Faults come from the environment (all optional):
 import os
 import signal
 import sys
+import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
@@ -25,8 +29,8 @@ from absl import app  # noqa: E402
 import main  # noqa: E402  (defines the flags)
 
 
-def _signal_at_step(sig: int, at_step: int) -> None:
-  """Wraps the training iterator so that drawing batch `at_step` sends `sig` to us."""
+def _at_step(at_step: int, action) -> None:
+  """Wraps the training iterator so that drawing batch `at_step` calls `action()`."""
   from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   make_train_iterator = input_pipeline.make_train_iterator
@@ -37,12 +41,24 @@ def _signal_at_step(sig: int, at_step: int) -> None:
     def generate():
       for step, batch in enumerate(batches, start=start_step):
         if step == at_step:
-          os.kill(os.getpid(), sig)
+          action()
         yield batch
 
     return generate()
 
   input_pipeline.make_train_iterator = wrapped
+
+
+def _signal_at_step(sig: int, at_step: int) -> None:
+  _at_step(at_step, lambda: os.kill(os.getpid(), sig))
+
+
+def _wait_at_step(at_step: int, path: str) -> None:
+  def wait():
+    while not os.path.exists(path):
+      time.sleep(0.05)
+
+  _at_step(at_step, wait)
 
 
 def _kill_at_commit(at_step: int) -> None:
@@ -67,6 +83,9 @@ def _install_faults() -> None:
   if 'DDPM_TEST_SIGNAL_AT_STEP' in env and process in (None, env.get('JAX_PROCESS_ID', '0')):
     sig, step = env['DDPM_TEST_SIGNAL_AT_STEP'].split(':')
     _signal_at_step(int(sig), int(step))
+  if 'DDPM_TEST_WAIT_AT_STEP' in env:
+    step, path = env['DDPM_TEST_WAIT_AT_STEP'].split(':', 1)
+    _wait_at_step(int(step), path)
   if 'DDPM_TEST_KILL_AT_COMMIT' in env:
     _kill_at_commit(int(env['DDPM_TEST_KILL_AT_COMMIT']))
 

@@ -29,7 +29,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ddpm_jax import files
 from ddpm_jax.metrics.batching import batched_apply, place_replicated
 
 __all__ = [
@@ -265,11 +265,10 @@ def load_or_train_domain_classifier(
     'learning_rate': learning_rate,
   }
   path = os.path.join(
-    os.fspath(cache_dir), f'domain_classifier_{_cache_key(images, labels, settings)}.msgpack'
+    files.absolute(cache_dir), f'domain_classifier_{_cache_key(images, labels, settings)}.msgpack'
   )
-  if os.path.isfile(path):
-    with open(path, 'rb') as f:
-      blob = flax.serialization.msgpack_restore(f.read())
+  if files.exists(path):
+    blob = flax.serialization.msgpack_restore(files.read_bytes(path))
     meta = json.loads(blob['meta'])
     return blob['params'], {**meta, 'path': path, 'cached': True}
 
@@ -293,13 +292,10 @@ def load_or_train_domain_classifier(
   blob = flax.serialization.msgpack_serialize(
     {'params': jax.tree.map(np.asarray, params), 'meta': json.dumps(meta)}
   )
-  os.makedirs(os.fspath(cache_dir), exist_ok=True)
-  # Write then rename, so a concurrent reader never sees half a file.
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(cache_dir), suffix='.tmp')
-  with os.fdopen(fd, 'wb') as f:
-    f.write(blob)
-  os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shareable
-  os.replace(tmp, path)
+  # Written whole, so a concurrent reader never sees half a file; every
+  # process trained the same classifier, and the chief owns the cache.
+  if jax.process_index() == 0:
+    files.write_bytes(path, blob)
   return params, {**meta, 'path': path, 'cached': False}
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from ddpm_jax import files
+
 __all__ = [
   'feature_statistics',
   'frechet_distance',
@@ -270,8 +272,7 @@ def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) 
     mu: [D] mean.
     sigma: [D, D] covariance.
   """
-  with open(path, 'wb') as f:
-    np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+  files.save_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -283,5 +284,5 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   Returns:
     (mu, sigma) in float64.
   """
-  with np.load(path) as data:
-    return (np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64))
+  data = files.load_npz(path)
+  return (np.asarray(data['mu'], np.float64), np.asarray(data['sigma'], np.float64))

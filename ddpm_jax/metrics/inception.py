@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import re
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import files
 from ddpm_jax.metrics.batching import batched_apply, place_replicated
 
 __all__ = [
@@ -375,7 +377,7 @@ def _check_hash_in_name(path: str) -> None:
   if not match:
     return
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with files.as_path(path).open('rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       digest.update(chunk)
   if not digest.hexdigest().startswith(match.group(1)):
@@ -387,7 +389,7 @@ def _check_hash_in_name(path: str) -> None:
 
 
 def _require_file(path: str) -> None:
-  if not os.path.isfile(path):
+  if not files.as_path(path).is_file():
     raise FileNotFoundError(
       f'FID Inception weights not found at {path!r}. Nothing is downloaded '
       f'at run time: fetch {FID_WEIGHTS_FILENAME} from {FID_WEIGHTS_URL} on '
@@ -399,8 +401,7 @@ def _require_file(path: str) -> None:
 
 def _read_state_dict(path: str) -> Mapping[str, Any]:
   if path.endswith('.npz'):
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}
+    return files.load_npz(path)
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -411,7 +412,7 @@ def _read_state_dict(path: str) -> Mapping[str, Any]:
       'which loads without PyTorch'
     ) from e
   _check_hash_in_name(path)
-  return torch.load(path, map_location='cpu', weights_only=True)
+  return torch.load(io.BytesIO(files.read_bytes(path)), map_location='cpu', weights_only=True)
 
 
 def load_pytorch_fid_weights(path: str | os.PathLike) -> dict[str, Any]:
@@ -446,8 +447,7 @@ def convert_pytorch_fid_weights(pth_path: str | os.PathLike, npz_path: str | os.
   state = _read_state_dict(pth_path)
   state_dict_to_variables(state)  # validate before writing
   arrays = {k: _to_numpy(v) for k, v in state.items() if not k.endswith('num_batches_tracked')}
-  with open(npz_path, 'wb') as f:
-    np.savez(f, **arrays)
+  files.save_npz(npz_path, **arrays)
 
 
 @jax.jit
