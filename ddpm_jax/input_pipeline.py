@@ -94,7 +94,7 @@ class DatasetInfo:
 
 def uses_labels(config: ml_collections.ConfigDict) -> bool:
   """Whether batches carry class labels: the model is class-conditional."""
-  return config.model.get('num_classes', 0) > 0
+  return config.get('model', {}).get('num_classes', 0) > 0
 
 
 def _check_resize_method(data_config: ml_collections.ConfigDict) -> None:
