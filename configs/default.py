@@ -40,6 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Building blocks (ddpm_jax/models/layers.py): 'auto' picks by platform; 'reference' (plain
   # flax layers) or 'fast' force a set. Every set has the same parameters and function.
   model.layers = 'auto'
+  # Class-conditional generation (classifier-free guidance, Ho & Salimans 2022): the number of
+  # classes of the data's 'label' feature; 0 = unconditional, as the paper's models.
+  model.num_classes = 0
+  # Fraction of training labels replaced by the null label (num_classes), which trains the
+  # unconditional model that guidance needs. Used only when num_classes > 0.
+  model.class_dropout = 0.1
 
   # The diffusion process and objective (ddpm_jax/diffusion.py).
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -94,6 +100,13 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.grid_sampler = 'ddim'  # Sampler of the periodic training grids (cheap).
   sampling.grid_num_steps = 50
   sampling.figures = True  # --mode=sample also draws the progressive and interpolation figures.
+  # Class-conditional models only (model.num_classes > 0). The guidance scale s of
+  # eps_u + s (eps_c - eps_u): 0 = unconditional, 1 = conditional (None means 1); diffusers'
+  # guidance_scale, Ho & Salimans' w + 1.
+  sampling.guidance_scale = config_dict.placeholder(float)
+  # Labels of the samples: 'all' (every class in turn, equal counts when the number of samples
+  # divides by num_classes) or class indices '3' or '0,3,7' (repeated in turn).
+  sampling.class_labels = config_dict.placeholder(str)
 
   # Evaluation (--mode=eval).
   config.eval = evaluation = ml_collections.ConfigDict()
@@ -103,5 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.feature_extractor = 'inception'  # 'inception' | 'domain'.
   evaluation.inception_weights = config_dict.placeholder(str)  # Local pytorch-fid .pth file.
   evaluation.domain_classifier_steps = 2000  # Training steps of the 'domain' feature extractor.
+  # Class-conditional models only: the guidance scales of the FD / class-accuracy sweep;
+  # () = only sampling.guidance_scale.
+  evaluation.guidance_scales = ()
 
   return config

@@ -42,6 +42,8 @@ _MUST_MATCH_ON_RESUME = ('model', 'diffusion')
 # Fields of those sections that may differ: every layer set computes the same
 # function with the same parameters.
 _MAY_DIFFER_ON_RESUME = ('model.layers',)
+# Fields added after checkpoints were written: one without the field was made with this value.
+_ADDED_FIELDS = {'model.num_classes': 0, 'model.class_dropout': 0.1}
 
 
 def abstract_train_state(model, config: ml_collections.ConfigDict, image_shape, mesh) -> Any:
@@ -65,10 +67,17 @@ def check_resume_compatible(
   for section in _MUST_MATCH_ON_RESUME:
     saved, now = saved_config.get(section, {}), current.get(section, {})
     for key in sorted(set(saved) | set(now)):
-      if f'{section}.{key}' not in _MAY_DIFFER_ON_RESUME and saved.get(key) != now.get(key):
-        differences.append(
-          f'{section}.{key}: checkpoint has {saved.get(key)!r}, config has {now.get(key)!r}'
-        )
+      name = f'{section}.{key}'
+      saved_value = saved.get(key, _ADDED_FIELDS.get(name))
+      now_value = now.get(key, _ADDED_FIELDS.get(name))
+      if name not in _MAY_DIFFER_ON_RESUME and saved_value != now_value:
+        differences.append(f'{name}: checkpoint has {saved_value!r}, config has {now_value!r}')
+  saved_classes = saved_config.get('model', {}).get('num_classes', 0)
+  if saved_classes and not current['model'].get('num_classes'):
+    differences.append(
+      f'the checkpoint is class-conditional ({saved_classes} classes): use its config, with '
+      "sampling.class_labels ('all' or indices such as '0,3,7') to sample it"
+    )
   if differences:
     raise errors.TrainingError(
       f'The checkpoint in {workdir} was made with a different configuration:\n  '

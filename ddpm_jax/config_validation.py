@@ -30,12 +30,59 @@ def _positive(problems: list[str], name: str, value) -> None:
     problems.append(f'{name} must be > 0, got {value!r}.')
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+def _check_conditioning(problems: list[str], config: ml_collections.ConfigDict, sample: bool):
+  """Class-conditional fields: on an unconditional model none may be set."""
+  num_classes, smp = config.model.get('num_classes', 0), config.sampling
+  scales = tuple(config.eval.get('guidance_scales', ()))
+  if num_classes < 0:
+    problems.append(f'model.num_classes must be >= 0 (0: unconditional), got {num_classes}.')
+    return
+  if num_classes == 0:
+    for name, value in (
+      ('sampling.guidance_scale', smp.guidance_scale),
+      ('sampling.class_labels', smp.class_labels),
+      ('eval.guidance_scales', scales or None),
+    ):
+      if value is not None:
+        problems.append(
+          f'{name}={value!r} needs a class-conditional model, but model.num_classes=0 '
+          '(unconditional); set model.num_classes to the number of classes, or leave '
+          f'{name} unset.'
+        )
+    return
+  if not 0.0 <= config.model.class_dropout <= 1.0:
+    problems.append(f'model.class_dropout must be in [0, 1], got {config.model.class_dropout}.')
+  for name, values in (
+    ('sampling.guidance_scale', () if smp.guidance_scale is None else (smp.guidance_scale,)),
+    ('eval.guidance_scales', scales),
+  ):
+    for value in values:
+      try:
+        sampling.check_guidance_scale(value)
+      except ValueError as e:
+        problems.append(f'{name}: {e}')
+  if smp.class_labels is not None and str(smp.class_labels).strip():
+    try:
+      sampling.parse_class_labels(smp.class_labels, num_classes)
+    except ValueError as e:
+      problems.append(f'sampling.class_labels: {e}')
+  elif sample:
+    problems.append(
+      f'model.num_classes={num_classes}: a class-conditional model is sampled with labels; '
+      "set sampling.class_labels to 'all' or to class indices such as '0,3,7'."
+    )
+
+
+def validate(
+  config: ml_collections.ConfigDict, num_devices: int = 1, *, sample: bool = False
+) -> None:
   """Raises ConfigError listing every problem of `config`; returns None if fine.
 
   Args:
     config: the experiment config.
     num_devices: devices the global batch will be split over.
+    sample: the config is for --mode=sample or eval, which need the class
+      labels of a class-conditional model.
   """
   problems: list[str] = []
   data, model, dc = config.data, config.model, config.diffusion
@@ -141,6 +188,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(
     problems, 'eval.feature_extractor', config.eval.feature_extractor, metrics.FEATURE_EXTRACTORS
   )
+  _check_conditioning(problems, config, sample)
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

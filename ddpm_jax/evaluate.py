@@ -7,6 +7,13 @@ ends with the same numbers as an uninterrupted one.
 
 Results go to `DIR/eval/step_<step>.json` and TensorBoard, with the paper's
 rate-distortion plot (Fig. 5) as `DIR/eval/rate_distortion_step_<step>.png`.
+
+A class-conditional model's bound is -log p(x | y) with the test images' own
+labels, its samples follow `sampling.class_labels`, and for each of
+`eval.guidance_scales` it gets the Frechet distance and the class accuracy
+(the fraction of samples the domain classifier assigns to their requested
+class), with the FD-accuracy trade-off plot (Ho & Salimans 2022, Fig. 4) as
+`DIR/eval/guidance_sweep_step_<step>.png`.
 """
 
 import json
@@ -38,6 +45,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   results: dict[str, Any] = {'step': im.step, 'dataset': config.data.dataset}
   results['bpd'] = evaluate_bpd(config, im, eval_dir)
   results['sample_quality'] = evaluate_sample_quality(config, im, workdir)
+  if im.model.num_classes:
+    results['guidance_sweep'] = evaluate_guidance_sweep(config, im, workdir)
   if jax.process_index() == 0:
     path = os.path.join(eval_dir, f'step_{im.step}.json')
     files.write_json(path, results)
@@ -46,6 +55,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     scalars.update(
       {f'quality/{k}': v for k, v in results['sample_quality'].items() if isinstance(v, float)}
     )
+    for row in results.get('guidance_sweep', {}).get('rows', ()):
+      tag = f'guidance_{row["guidance_scale"]:g}'
+      scalars.update({f'{tag}/{k}': v for k, v in row.items() if k != 'guidance_scale'})
     writer.write_scalars(im.step, scalars)
     writer.close()
     logging.info(
@@ -72,11 +84,22 @@ def evaluate_bpd(
   batch_dir = os.path.join(eval_dir, f'bpd_step_{im.step}_seed{config.seed}')
   mesh = im.mesh
   model_fn = inference.make_model_fn(im.model, im.ema_params, mesh)
+  conditional = im.model.num_classes > 0
+
+  def bpd(x0, key, labels):
+    # A conditional model's bound is of p(x | y), with each image's own label.
+    fn = (lambda x, t: model_fn(x, t, labels)) if conditional else model_fn
+    return likelihood.calc_bpd_loop(
+      im.diffusion, fn, x0, key, **inference.model_output_options(config)
+    )
+
   bpd_fn = jax.jit(
-    lambda x0, key: likelihood.calc_bpd_loop(
-      im.diffusion, model_fn, x0, key, **inference.model_output_options(config)
+    bpd,
+    in_shardings=(
+      sharding_lib.batch_sharded(mesh),
+      sharding_lib.replicated(mesh),
+      sharding_lib.batch_sharded(mesh),
     ),
-    in_shardings=(sharding_lib.batch_sharded(mesh), sharding_lib.replicated(mesh)),
     out_shardings=sharding_lib.batch_sharded(mesh),
   )
   base_key = streams.key(config.seed, streams.Stream.BPD)
@@ -86,8 +109,11 @@ def evaluate_bpd(
   num_batches = min(len(dataset), -(-ec.num_bpd_examples // ec.batch_size))
 
   def compute(index, batch):
-    images = sharding_lib.host_to_global({'image': batch['image']}, mesh)['image']
-    out = bpd_fn(images, jax.random.fold_in(base_key, index))
+    local = {'image': batch['image']}
+    if conditional:
+      local['label'] = batch['label']
+    placed = sharding_lib.host_to_global(local, mesh)
+    out = bpd_fn(placed['image'], jax.random.fold_in(base_key, index), placed.get('label'))
     out['mask'] = np.asarray(batch['mask'])
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
 
@@ -109,6 +135,7 @@ def evaluate_bpd(
     plot_rate_distortion(terms, prior, mse, png)
   return dict(
     split=config.data.eval_split,
+    conditioned_on="the images' labels: -log p(x | y)" if conditional else 'nothing: -log p(x)',
     num_examples=int(keep.sum()),
     total_bpd=float(total.mean()),
     prior_bpd=float(prior.mean()),
@@ -167,6 +194,28 @@ def plot_rate_distortion(terms_bpd, prior_bpd, mse, path: str) -> None:
 # Sample quality.
 
 
+def _domain_classifier(
+  config: ml_collections.ConfigDict, im: inference.InferenceModel, eval_dir: str
+) -> tuple[domain_classifier.DomainFeatureExtractor, dict[str, Any]]:
+  """The dataset's own classifier (trained once, then cached) and its training info."""
+  images, labels = input_pipeline.load_split_as_uint8(
+    config, config.data.train_split, with_labels=True
+  )
+  test_images, test_labels = input_pipeline.load_split_as_uint8(
+    config, config.data.eval_split, with_labels=True
+  )
+  params, info = domain_classifier.load_or_train_domain_classifier(
+    os.path.join(eval_dir, 'domain_classifier'),
+    images,
+    labels,
+    steps=config.eval.domain_classifier_steps,
+    batch_size=min(128, len(images)),
+    eval_images=test_images,
+    eval_labels=test_labels,
+  )
+  return domain_classifier.DomainFeatureExtractor(params, mesh=im.mesh), info
+
+
 def feature_extractor(
   config: ml_collections.ConfigDict, im: inference.InferenceModel, eval_dir: str
 ):
@@ -176,22 +225,7 @@ def feature_extractor(
   """
   name = config.eval.feature_extractor
   if name == 'domain':
-    images, labels = input_pipeline.load_split_as_uint8(
-      config, config.data.train_split, with_labels=True
-    )
-    test_images, test_labels = input_pipeline.load_split_as_uint8(
-      config, config.data.eval_split, with_labels=True
-    )
-    params, info = domain_classifier.load_or_train_domain_classifier(
-      os.path.join(eval_dir, 'domain_classifier'),
-      images,
-      labels,
-      steps=config.eval.domain_classifier_steps,
-      batch_size=min(128, len(images)),
-      eval_images=test_images,
-      eval_labels=test_labels,
-    )
-    extractor = domain_classifier.DomainFeatureExtractor(params, mesh=im.mesh)
+    extractor, info = _domain_classifier(config, im, eval_dir)
     meta = {
       'feature_extractor': 'domain classifier (penultimate, 256-d)',
       'classifier_test_accuracy': info.get('accuracy'),
@@ -262,3 +296,89 @@ def evaluate_sample_quality(
   results['classifier_score' if tag == 'domain' else 'inception_score'] = float(score_mean)
   results['classifier_score_std' if tag == 'domain' else 'inception_score_std'] = float(score_std)
   return results
+
+
+# ---------------------------------------------------------------------------
+# Classifier-free guidance.
+
+
+def evaluate_guidance_sweep(
+  config: ml_collections.ConfigDict, im: inference.InferenceModel, workdir: str
+) -> dict[str, Any]:
+  """Sample quality and class accuracy of a conditional model across guidance scales.
+
+  For each scale of `eval.guidance_scales` (or only `sampling.guidance_scale`)
+  it draws `eval.num_fid_samples` samples with labels `sampling.class_labels`
+  (resumably, as `generate_samples`), then measures the Frechet distance to
+  the train and eval splits in the configured features, and the class
+  accuracy: the fraction of samples that the domain classifier (trained on
+  the dataset's labels) assigns to the class they were drawn for.
+
+  Returns:
+    dict with 'rows' (one per scale: 'guidance_scale', 'fd_vs_<split>' for
+    both splits, 'class_accuracy'), 'metric', 'classifier_test_accuracy'
+    (the domain classifier's own accuracy on the eval split, the ceiling of
+    class_accuracy), 'num_samples' and 'plot_png'.
+  """
+  eval_dir = os.path.join(files.absolute(workdir), 'eval')
+  label, extractor, _ = feature_extractor(config, im, eval_dir)
+  # Accuracy is the domain classifier's whatever features the FD uses (cached after one training).
+  classifier, info = _domain_classifier(config, im, eval_dir)
+  scales = tuple(config.eval.guidance_scales) or (inference.guidance_scale_of(config),)
+  num_samples = config.eval.num_fid_samples
+  labels = inference.class_labels(config, num_samples)
+  tag = config.eval.feature_extractor
+  references = {
+    split: reference_statistics(config, split, extractor, eval_dir, tag)
+    for split in (config.data.train_split, config.data.eval_split)
+  }
+  rows = []
+  for scale in scales:
+    name = inference.sampler_name(config, im.step, guidance_scale=float(scale))
+    samples = inference.generate_samples(
+      config,
+      im,
+      num_samples,
+      os.path.join(files.absolute(workdir), 'samples', name),
+      guidance_scale=float(scale),
+    )
+    features, _ = extractor(samples)
+    _, logits = classifier(samples)
+    mu, sigma = frechet.feature_statistics(features)
+    row = {'guidance_scale': float(scale)}
+    for split, (ref_mu, ref_sigma) in references.items():
+      row[f'fd_vs_{split}'] = float(frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma))
+    row['class_accuracy'] = float(np.mean(np.argmax(logits, axis=-1) == labels))
+    logging.info('Guidance scale %g: %s', scale, row)
+    rows.append(row)
+  png = os.path.join(eval_dir, f'guidance_sweep_step_{im.step}.png')
+  if jax.process_index() == 0:
+    plot_guidance_sweep(rows, f'fd_vs_{config.data.train_split}', png)
+  return dict(
+    rows=rows,
+    metric=label,
+    class_labels=str(config.sampling.class_labels),
+    num_samples=num_samples,
+    classifier_test_accuracy=info.get('accuracy'),
+    plot_png=png,
+  )
+
+
+def plot_guidance_sweep(rows: list[dict[str, float]], fd_key: str, path: str) -> None:
+  """FD against class accuracy, one point per guidance scale (Ho & Salimans' Fig. 4)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  accuracy = [row['class_accuracy'] for row in rows]
+  fd = [row[fd_key] for row in rows]
+  fig, ax = plt.subplots(figsize=(5, 4))
+  ax.plot(accuracy, fd, marker='o')
+  for row, a, f in zip(rows, accuracy, fd):
+    ax.annotate(f's={row["guidance_scale"]:g}', (a, f), textcoords='offset points', xytext=(4, 4))
+  ax.set(xlabel='class accuracy (domain classifier)', ylabel=f'Frechet distance ({fd_key})')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+  plt.close(fig)

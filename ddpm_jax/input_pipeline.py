@@ -18,6 +18,11 @@ read through TFDS and the same code, driven by the data config `config.data`:
   shuffle_buffer  shuffle buffer in examples; at least the split size gives
                   an exact permutation per epoch.
 
+Class-conditional configs (`config.model.num_classes` > 0) also get each
+example's TFDS 'label' (int32) beside its image, in every batch: the label
+travels with its image through the shuffle, so labels are sharded and
+ordered exactly like the images.
+
 Pixels map to [-1, 1] by x / 127.5 - 1 without dequantization, as in DDPM.
 Geometric resizing rounds back to uint8 first, so model inputs always lie on
 the 256-level grid that the discretized decoder's likelihood assumes.
@@ -87,6 +92,11 @@ class DatasetInfo:
 # ---------------------------------------------------------------------------
 
 
+def uses_labels(config: ml_collections.ConfigDict) -> bool:
+  """Whether batches carry class labels: the model is class-conditional."""
+  return config.get('model', {}).get('num_classes', 0) > 0
+
+
 def _check_resize_method(data_config: ml_collections.ConfigDict) -> None:
   if data_config.resize_method not in RESIZE_METHODS:
     raise ValueError(
@@ -145,8 +155,9 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   Raises:
     ValueError: for an unknown dataset, resize method or split, a dataset
       without an 'image' feature, a channel count other than
-      `data.num_channels`, or images larger than `data.image_size` with
-      resize_method 'pad'.
+      `data.num_channels`, images larger than `data.image_size` with
+      resize_method 'pad', or, for a class-conditional model, a dataset
+      without a 'label' class feature of `model.num_classes` classes.
   """
   data = config.data
   _check_resize_method(data)
@@ -169,6 +180,19 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
       f"resize_method 'pad' cannot fit {height}x{width} images into "
       f"data.image_size {data.image_size}; use 'resize' or 'center_crop'."
     )
+  if uses_labels(config):
+    num_classes = config.model.num_classes
+    label = features['label'] if 'label' in features else None
+    if not isinstance(label, tfds.features.ClassLabel):
+      raise ValueError(
+        f'model.num_classes={num_classes} needs a class-labelled dataset, but '
+        f"{data.dataset!r} has no 'label' class feature (features: {', '.join(features)}); "
+        'set model.num_classes=0 to train an unconditional model.'
+      )
+    if label.num_classes != num_classes:
+      raise ValueError(
+        f'model.num_classes is {num_classes} but {data.dataset!r} has {label.num_classes} classes.'
+      )
   num_examples = {}
   for split in (data.train_split, data.eval_split):
     try:
@@ -313,8 +337,9 @@ def _train_epoch(
   local_batch: int,
   seeds: tuple[int, int],
   skip_batches: int,
+  labels: bool = False,
 ) -> tf.data.Dataset:
-  """One epoch of one process's shard: shuffled, flipped, batched."""
+  """One epoch of one process's shard: shuffled, flipped, batched (with labels if `labels`)."""
   shuffle_seed, flip_seed = seeds
   image_feature = builder.info.features['image']
   ds = builder.as_dataset(
@@ -325,7 +350,11 @@ def _train_epoch(
   )
   # Shuffle and skip the encoded bytes: the buffer stays small and skipped
   # examples are never decoded.
-  ds = ds.map(lambda example: example['image'])
+  if labels:
+    # Shuffled as one element with its image: the permutation is the image-only one.
+    ds = ds.map(lambda example: (example['image'], tf.cast(example['label'], tf.int32)))
+  else:
+    ds = ds.map(lambda example: example['image'])
   # An op-level seed makes the order fixed (TF pairs it with its default
   # global seed unless a program calls tf.random.set_seed, which this
   # project does not).
@@ -335,13 +364,17 @@ def _train_epoch(
   ds = ds.enumerate()  # position in the epoch, which seeds the flip
   ds = ds.skip(skip_batches * local_batch)
 
-  def prepare(position: tf.Tensor, encoded: tf.Tensor) -> dict[str, tf.Tensor]:
+  def prepare(position: tf.Tensor, element) -> dict[str, tf.Tensor]:
+    encoded, label = element if labels else (element, None)
     image = resize_image(image_feature.decode_example(encoded), data_config)
     if data_config.random_flip:
       image = tf.image.stateless_random_flip_left_right(
         image, seed=tf.stack([tf.constant(flip_seed, tf.int64), position])
       )
-    return {'image': _to_unit_range(image)}
+    out = {'image': _to_unit_range(image)}
+    if labels:
+      out['label'] = label
+    return out
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
@@ -372,7 +405,8 @@ def make_train_iterator(
 
   Returns:
     Iterator of {'image': float32 [local_batch, image_size, image_size,
-    num_channels] in [-1, 1]}, local_batch = global batch / process_count.
+    num_channels] in [-1, 1]}, local_batch = global batch / process_count,
+    plus 'label' int32 [local_batch] for a class-conditional model.
     Batch k of it is the batch of global step start_step + k.
 
   Raises:
@@ -409,6 +443,7 @@ def make_train_iterator(
         local_batch=local_batch,
         seeds=_epoch_seeds(config.seed, process_index, epoch),
         skip_batches=skip,
+        labels=uses_labels(config),
       )
       yield from ds.as_numpy_iterator()
       epoch, skip = epoch + 1, 0
@@ -448,7 +483,8 @@ def make_eval_dataset(
     Re-iterable with `len()` (the number of batches) of
     {'image': float32 [local_batch, image_size, image_size, num_channels] in
     [-1, 1] (padding examples are zeros), 'mask': bool [local_batch], True
-    for real examples}.
+    for real examples}, plus 'label' int32 [local_batch] (padding: 0) for a
+    class-conditional model.
   """
   data = config.data
   _check_resize_method(data)
@@ -470,17 +506,20 @@ def make_eval_dataset(
     shuffle_files=False,
     read_config=tfds.ReadConfig(options=_deterministic_options()),
   )
-  ds = ds.map(
-    lambda example: {'image': preprocess_image(example['image'], data), 'mask': tf.constant(True)},
-    num_parallel_calls=tf.data.AUTOTUNE,
-  )
+  labels = uses_labels(config)
+
+  def prepare(example):
+    out = {'image': preprocess_image(example['image'], data), 'mask': tf.constant(True)}
+    if labels:
+      out['label'] = tf.cast(example['label'], tf.int32)
+    return out
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   image_shape = (data.image_size, data.image_size, data.num_channels)
-  padding = tf.data.Dataset.from_tensors(
-    {
-      'image': tf.zeros(image_shape, tf.float32),
-      'mask': tf.constant(False),
-    }
-  ).repeat(num_batches * local_batch - num_local)
+  pad = {'image': tf.zeros(image_shape, tf.float32), 'mask': tf.constant(False)}
+  if labels:
+    pad['label'] = tf.constant(0, tf.int32)
+  padding = tf.data.Dataset.from_tensors(pad).repeat(num_batches * local_batch - num_local)
   ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_deterministic_options())
   return tfds.as_numpy(ds)

@@ -5,13 +5,17 @@ so the result depends only on the seed, the checkpoint and the sampler, never
 on how often the run was interrupted: each finished batch is written to
 `DIR/samples/<name>/batch_<index>.npz` at once, and a restart skips those.
 When all are done they are joined into `DIR/samples/<name>.npz` (uint8 NHWC
-under the key 'images') and a PNG grid of the first 64.
+under the key 'images') and a PNG grid of the first 64. A class-conditional
+model's samples follow `sampling.class_labels` at `sampling.guidance_scale`;
+its npz also holds their int32 'labels' [N], and `<name>_classes.png` shows
+one row per class.
 """
 
 import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -31,20 +35,69 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
     config, im, config.sampling.num_samples, os.path.join(samples_dir, name)
   )
   path = os.path.join(samples_dir, f'{name}.npz')
+  arrays = {'images': images}
+  if im.model.num_classes:
+    arrays['labels'] = inference.class_labels(config, len(images))
   if jax.process_index() == 0:
-    files.save_npz(path, images=images)
+    files.save_npz(path, **arrays)
     images_lib.save_png(images_lib.make_grid(images[:64]), os.path.join(samples_dir, f'{name}.png'))
+    if 'labels' in arrays:
+      images_lib.save_png(
+        class_grid(images, arrays['labels']),
+        os.path.join(samples_dir, f'{name}_classes.png'),
+        upscale=2,
+      )
     if config.sampling.figures:
       save_figures(config, im, samples_dir, name)
   logging.info('Wrote %d samples of shape %s to %s.', len(images), images.shape[1:], path)
   return path
 
 
+def class_grid(images: np.ndarray, labels: np.ndarray, max_columns: int = 10) -> np.ndarray:
+  """One row per class present, in class order, of its first samples.
+
+  Args:
+    images: uint8 [N, H, W, C].
+    labels: int [N], the class of each image.
+    max_columns: most images per row.
+
+  Returns:
+    uint8 grid image; a row has min(max_columns, the rarest class's count) images.
+  """
+  classes = np.unique(labels)
+  columns = min(max_columns, min(int(np.sum(labels == c)) for c in classes))
+  rows = [images[labels == c][:columns] for c in classes]
+  return images_lib.make_grid(np.concatenate(rows), num_columns=columns)
+
+
+def _figure_model_fn(config, im, model_fn, label):
+  """The figures' model: a conditional model guided towards `label`, any batch size."""
+  if not im.model.num_classes:
+    return model_fn
+  scale = inference.guidance_scale_of(config)
+
+  def guided(x_t, t):
+    labels = jnp.full(x_t.shape[:1], label, jnp.int32)
+    return sampling.guided_model_fn(
+      model_fn,
+      labels,
+      scale,
+      null_label=im.model.num_classes,
+      model_var_type=config.diffusion.model_var_type,
+    )(x_t, t)
+
+  return guided
+
+
 def save_figures(
   config: ml_collections.ConfigDict, im: inference.InferenceModel, samples_dir: str, name: str
 ) -> None:
-  """The paper's progressive-generation (Fig. 6) and interpolation (Fig. 8) figures."""
-  model_fn = inference.make_model_fn(im.model, im.ema_params)
+  """The paper's progressive-generation (Fig. 6) and interpolation (Fig. 8) figures.
+
+  A class-conditional model draws both of the first class of `sampling.class_labels`.
+  """
+  label = inference.class_labels(config, 1)[0] if im.model.num_classes else None
+  model_fn = _figure_model_fn(config, im, inference.make_model_fn(im.model, im.ema_params), label)
   kw = inference.model_output_options(config)
   key = streams.key(config.seed, streams.Stream.FIGURE)
   num_timesteps = im.diffusion.num_timesteps
@@ -67,6 +120,7 @@ def save_figures(
   )
 
   # Interpolation between two generated images, decoded from t = T/2.
+  model_scale = inference.guidance_scale_of(config) if label is not None else None
   pair = np.asarray(
     jax.jit(
       lambda k: inference.sample(
@@ -78,6 +132,11 @@ def save_figures(
         k,
         sampler='ddim',
         num_steps=min(50, num_timesteps),
+        **(
+          {}
+          if label is None
+          else dict(labels=np.full((2,), label, np.int32), guidance_scale=model_scale)
+        ),
       )
     )(jax.random.fold_in(key, 1))
   )

@@ -19,6 +19,9 @@ class Stream(enum.IntEnum):
   SAMPLE = 2**31 - 3  # --mode=sample and the samples of --mode=eval.
   FIGURE = 2**31 - 4  # The progressive-generation and interpolation figures.
   BPD = 2**31 - 5  # The bound's noise in --mode=eval.
+  # Class-label dropout of conditional training: folded into each training step's own key
+  # (fold_in(seed key, step)), so the step's timestep, noise and dropout draws stay as they were.
+  LABEL_DROPOUT = 2**31 - 6
 
 
 def key(seed: int, stream: Stream) -> jax.Array:

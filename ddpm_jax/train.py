@@ -312,6 +312,13 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
     donate_argnums=0,
   )
   sample_fn = None
+  grid_labels = None
+  if config.model.num_classes > 0:
+    # Every class in turn (or the configured ones), so the grids show each class improving.
+    grid_config = config.copy_and_resolve_references()
+    if grid_config.sampling.class_labels is None:
+      grid_config.sampling.class_labels = 'all'
+    grid_labels = inference.class_labels(grid_config, tc.num_sample_images)
   if tc.sample_every_steps > 0:
     sample_fn = inference.make_sample_fn(
       model,
@@ -370,7 +377,11 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
 
       if sample_fn is not None and _is_due(step, tc.sample_every_steps, last_step):
         # The same key every time, so successive grids show the same samples improving.
-        samples = sample_fn(state.ema_params, grid_key)
+        if grid_labels is None:
+          samples = sample_fn(state.ema_params, grid_key)
+        else:
+          scale = inference.guidance_scale_of(config)
+          samples = sample_fn(state.ema_params, grid_key, grid_labels, scale)
         # Every process takes part in the gather; only the chief writes.
         samples = multihost_utils.process_allgather(samples, tiled=True)
         grid = images_lib.make_grid(images_lib.to_uint8(samples))
@@ -444,7 +455,7 @@ def _log(
 
 def _stack_batches(iterator, k: int) -> dict[str, np.ndarray]:
   batches = [next(iterator) for _ in range(k)]
-  return {key: np.stack([b[key] for b in batches]) for key in ('image',)}
+  return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
 
 
 def _is_due(step: int, every: int, last_step: int) -> bool:

@@ -16,6 +16,7 @@ from flax.training import train_state
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import losses as losses_lib
+from ddpm_jax import streams
 from ddpm_jax.kernels import adam as adam_kernel
 
 Array = jax.Array
@@ -119,7 +120,8 @@ def create_train_state(
   """
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  params = model.init({'params': rng}, x, t, train=False)['params']
+  y = jnp.zeros((1,), jnp.int32) if getattr(model, 'num_classes', 0) else None
+  params = model.init({'params': rng}, x, t, y, train=False)['params']
   return TrainState.create(
     apply_fn=model.apply,
     params=params,
@@ -129,6 +131,22 @@ def create_train_state(
     ema_params=jax.tree.map(jnp.copy, params),
     nonfinite_in_a_row=jnp.zeros((), jnp.int32),
   )
+
+
+def drop_labels(labels: Array, rng: Array, rate: float, null_label: int) -> Array:
+  """Replaces each label by `null_label` with probability `rate` (classifier-free guidance).
+
+  Args:
+    labels: int labels [B].
+    rng: the key of this step's label dropout.
+    rate: the probability of dropping a label, in [0, 1].
+    null_label: the label that stands for "no class" (num_classes).
+
+  Returns:
+    int32 labels [B].
+  """
+  dropped = jax.random.bernoulli(rng, rate, labels.shape)
+  return jnp.where(dropped, null_label, labels).astype(jnp.int32)
 
 
 def train_step(
@@ -147,10 +165,12 @@ def train_step(
 
   Args:
     state: the current state.
-    batch: {'image': float [B, H, W, C] in [-1, 1]}.
+    batch: {'image': float [B, H, W, C] in [-1, 1]}, and 'label' int [B]
+      when `config.model.num_classes` > 0.
     rng: this step's key (the loop passes fold_in(seed key, step)).
     diffusion: the process.
-    config: the experiment config (uses `diffusion`, `optim`).
+    config: the experiment config (uses `diffusion`, `optim`, and
+      `model.num_classes`, `model.class_dropout`).
 
   Returns:
     (new state, metrics) with scalar metrics 'loss', 'grad_norm',
@@ -161,11 +181,16 @@ def train_step(
   t = jax.random.randint(t_rng, (images.shape[0],), 0, diffusion.num_timesteps)
   noise = jax.random.normal(noise_rng, images.shape, images.dtype)
   dc = config.diffusion
+  num_classes = config.model.get('num_classes', 0)
+  labels = None
+  if num_classes:
+    label_rng = jax.random.fold_in(rng, int(streams.Stream.LABEL_DROPOUT))
+    labels = drop_labels(batch['label'], label_rng, config.model.class_dropout, num_classes)
 
   def loss_fn(params):
     def model_fn(x_t, timesteps):
       return state.apply_fn(
-        {'params': params}, x_t, timesteps, train=True, rngs={'dropout': dropout_rng}
+        {'params': params}, x_t, timesteps, labels, train=True, rngs={'dropout': dropout_rng}
       )
 
     losses = losses_lib.training_losses(
@@ -218,7 +243,7 @@ def train_steps(
 
   Args:
     state: the current state.
-    batches: {'image': [K, B, H, W, C]}.
+    batches: {'image': [K, B, H, W, C]}, and 'label' [K, B] for a conditional model.
     seed_key: the run's base key.
     diffusion, config: as in `train_step`.
 

@@ -68,3 +68,65 @@ def test_resume_check_ignores_the_layer_set_but_not_the_network():
   saved['model']['ch'] = 64
   with pytest.raises(errors.TrainingError, match='model.ch: checkpoint has 64, config has 32'):
     checkpointing.check_resume_compatible(saved, config, 'DIR')
+
+
+def test_guidance_and_labels_on_an_unconditional_model_are_config_errors():
+  message = _problems(
+    sampling__guidance_scale=3.0, sampling__class_labels='all', eval__guidance_scales=(1.0,)
+  )
+  for name in (
+    'sampling.guidance_scale=3.0',
+    "sampling.class_labels='all'",
+    'eval.guidance_scales',
+  ):
+    assert f'{name}' in message
+  assert message.count('needs a class-conditional model, but model.num_classes=0') == 3
+
+
+def test_conditional_fields_are_checked():
+  message = _problems(
+    model__num_classes=10,
+    model__class_dropout=1.5,
+    sampling__guidance_scale=-1.0,
+    sampling__class_labels='0,12',
+    eval__guidance_scales=(0.0, float('nan')),
+  )
+  assert 'model.class_dropout must be in [0, 1], got 1.5.' in message
+  assert 'sampling.guidance_scale: guidance_scale must be a finite number >= 0' in message
+  assert 'eval.guidance_scales: guidance_scale must be a finite number >= 0' in message
+  assert 'sampling.class_labels: class labels [12] are not classes in [0, 10).' in message
+  assert 'num_classes must be >= 0' in _problems(model__num_classes=-1)
+
+
+def test_a_conditional_model_is_sampled_with_labels():
+  config = tiny.get_config()
+  config.model.num_classes = 10
+  config_validation.validate(config)  # Training needs no sampling labels.
+  for labels in (None, ' '):
+    config.sampling.class_labels = labels
+    with pytest.raises(config_validation.ConfigError, match="set sampling.class_labels to 'all'"):
+      config_validation.validate(config, sample=True)
+  config.sampling.class_labels = '3, 5'
+  config_validation.validate(config, sample=True)
+
+
+def test_the_conditional_config_differs_only_in_conditioning():
+  from configs import fashion_mnist, fashion_mnist_cond  # pylint: disable=g-import-not-at-top
+
+  cond, plain = fashion_mnist_cond.get_config(), fashion_mnist.get_config()
+  config_validation.validate(cond, sample=True)
+  assert cond.model.num_classes == 10 and cond.sampling.class_labels == 'all'
+  for section in ('data', 'diffusion', 'optim', 'training'):
+    assert cond[section].to_dict() == plain[section].to_dict()
+
+
+def test_checkpoints_from_before_conditioning_resume_and_conditional_ones_need_their_config():
+  config = tiny.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved['model']['num_classes'], saved['model']['class_dropout']  # An older checkpoint.
+  checkpointing.check_resume_compatible(saved, config, 'DIR')
+  saved['model']['num_classes'] = 10  # A conditional checkpoint, the unconditional config.
+  with pytest.raises(
+    errors.TrainingError, match=r'class-conditional \(10 classes\): use its config'
+  ):
+    checkpointing.check_resume_compatible(saved, config, 'DIR')

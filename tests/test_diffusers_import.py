@@ -123,6 +123,32 @@ def test_outputs_match_at_several_timesteps(tiny):
     )
 
 
+def test_class_conditional_outputs_match_diffusers(tmp_path):
+  # 4 classes and the null label: diffusers' num_class_embeds counts both.
+  torch_model = _random_diffusers_unet(dict(TINY, num_class_embeds=5), seed=3)
+  torch_model.save_pretrained(tmp_path)
+  model, params = load_diffusers_unet(tmp_path)
+  assert model.num_classes == 4
+  assert params['class_embed']['embedding'].shape == (5, 128)
+  x = np.random.default_rng(3).standard_normal((5, 16, 16, 3)).astype(np.float32)
+  t = np.array([0, 7, 250, 600, 999], np.int32)
+  y = np.array([0, 1, 2, 3, 4], np.int32)  # 4: the null label.
+  with torch.no_grad():
+    out = torch_model(
+      torch.from_numpy(x.transpose(0, 3, 1, 2)),
+      torch.from_numpy(t).long(),
+      class_labels=torch.from_numpy(y).long(),
+    )
+  ref = out.sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(
+    jax.jit(lambda p, x, t, y: model.apply({'params': p}, x, t, y, train=False))(params, x, t, y)
+  )
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+  # The labels matter: another class gives another output.
+  other = np.asarray(model.apply({'params': params}, x, t, (y + 1) % 5, train=False))
+  assert np.abs(other - ref).max() > 1e-2
+
+
 def test_bin_checkpoint_loads_the_same_weights(tiny, tmp_path):
   torch_model, path = tiny
   torch_model.save_pretrained(tmp_path, safe_serialization=False)
@@ -205,6 +231,7 @@ def test_cifar10_config_translates_to_the_paper_network():
     dropout=0.1,
     out_ch=3,
     resamp_with_conv=True,
+    num_classes=0,
   )
 
 
@@ -229,6 +256,7 @@ def test_config_without_attention_head_dim_is_single_head():
     (dict(time_embedding_type='fourier'), 'time_embedding_type'),
     (dict(act_fn='gelu'), 'act_fn'),
     (dict(class_embed_type='timestep'), 'class_embed_type'),
+    (dict(num_class_embeds=1), 'num_class_embeds'),
     (
       dict(up_block_types=['UpBlock2D', 'UpBlock2D', 'UpBlock2D', 'UpBlock2D']),
       'attention at level 1 only on one path',

@@ -269,3 +269,46 @@ def test_load_split_as_uint8_is_at_model_resolution(make_config):
   np.testing.assert_array_equal(np.sort(order), np.arange(NUM_TRAIN))
   np.testing.assert_array_equal(images[:, 2:30, 2:30, 0], written[order])
   assert input_pipeline.load_split_as_uint8(config, 'test', limit=5).shape == (5, 32, 32, 1)
+
+
+def _conditional(config, num_classes=10):
+  config.model = ml_collections.ConfigDict(dict(num_classes=num_classes))
+  return config
+
+
+def test_labels_travel_with_their_images_in_order_and_on_resume(make_config):
+  # Train example i has label i % 10 (see `dirs`).
+  plain = _take(input_pipeline.make_train_iterator(make_config()), 12)
+  config = _conditional(make_config())
+  labelled = _take(input_pipeline.make_train_iterator(config), 12)
+  for expected, batch in zip(plain, labelled):
+    assert set(batch) == {'image', 'label'} and batch['label'].dtype == np.int32
+    # The same images in the same order as an unconditional run's...
+    np.testing.assert_array_equal(batch['image'], expected['image'])
+    # ...each with its own label, across epochs (5 steps each).
+    np.testing.assert_array_equal(batch['label'], _train_ids(batch) % 10)
+  resumed = _take(input_pipeline.make_train_iterator(config, start_step=7), 5)
+  for expected, got in zip(labelled[7:], resumed):
+    np.testing.assert_array_equal(got['label'], expected['label'])
+    np.testing.assert_array_equal(got['image'], expected['image'])
+  for process_index in range(2):
+    iterator = input_pipeline.make_train_iterator(
+      config, process_index=process_index, process_count=2
+    )
+    for batch in _take(iterator, 6):
+      assert batch['label'].shape == (2,)
+      np.testing.assert_array_equal(batch['label'], _train_ids(batch) % 10)
+
+
+def test_eval_batches_carry_labels_for_a_conditional_model(make_config):
+  dataset = input_pipeline.make_eval_dataset(_conditional(make_config()), batch_size=3)
+  for batch in dataset:
+    ids = (_to_uint8(batch['image'][:, 16, 16, 0]) - 5) // 10  # Test image j: 10 j + 5.
+    np.testing.assert_array_equal(batch['label'][batch['mask']], ids[batch['mask']] % 10)
+    np.testing.assert_array_equal(batch['label'][~batch['mask']], 0)
+
+
+def test_conditional_model_needs_the_dataset_classes(make_config):
+  input_pipeline.dataset_info(_conditional(make_config()))
+  with pytest.raises(ValueError, match='model.num_classes is 7 but .* has 10 classes'):
+    input_pipeline.dataset_info(_conditional(make_config(), num_classes=7))

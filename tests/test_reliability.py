@@ -142,6 +142,25 @@ def test_a_killed_run_restarted_equals_an_uninterrupted_one_bit_for_bit(chain):
   assert losses == th.read_metrics(chain.reference)
 
 
+def test_a_killed_conditional_run_restarted_equals_an_uninterrupted_one_bit_for_bit(
+  data_dirs, tmp_path, caplog
+):
+  # Labels and label dropout are functions of (seed, step) as well.
+  steps = dict(CHAIN, num_train_steps=6, checkpoint_every_steps=2)
+  config = th.conditional(th.tiny_config(data_dirs, **steps))
+  reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'interrupted')
+  train.train_and_evaluate(config, reference)
+  flags = th.config_flags(data_dirs, **steps) + th.CONDITIONAL_FLAGS
+  env = th.child_env(DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGKILL)}:5')
+  code, output = th.run_trainer(workdir, flags, env=env)
+  assert code == SIGKILLED, output[-5000:]
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, workdir)
+  assert re.search(r'Resumed from step [24]', caplog.text)
+  th.assert_states_equal(th.restore(workdir, config), th.restore(reference, config))
+  assert th.read_metrics(workdir) == th.read_metrics(reference)
+
+
 @pytest.fixture(scope='module')
 def cli(chain, data_dirs, tmp_path_factory):
   """main.py with bad input, each case started at once: name -> (code, output, workdir, before)."""

@@ -5,13 +5,17 @@ import os
 import shutil
 import sys
 
+import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from ddpm_jax import checkpointing
+from ddpm_jax import config_validation
 from ddpm_jax import evaluate
 from ddpm_jax import inference
 from ddpm_jax import sample
+from ddpm_jax import sampling
 from ddpm_jax import train
 from trainer_harness import tiny_config as make_config
 from trainer_harness import write_fake_fashion_mnist
@@ -191,3 +195,95 @@ def test_sampler_quality_benchmark_runs_pairs_and_resumes(trained, tmp_path):
   assert again['rows'][0]['fd'] == results['rows'][1]['fd']
   assert again['rows'][0]['compile_seconds'] is None
   assert os.stat(os.path.join(out, 'dpm2_5', 'batch_00000.npz')).st_mtime_ns == mtime
+
+
+@pytest.fixture(scope='module')
+def trained_conditional(tmp_path_factory):
+  """A workdir with a 2-step class-conditional tiny checkpoint, and its config."""
+  root = tmp_path_factory.mktemp('sample_eval_conditional')
+  write_fake_fashion_mnist(str(root / 'idx'))
+  config = make_config(
+    (str(root / 'idx'), str(root / 'tfds')), num_train_steps=2, sample_every_steps=2
+  )
+  config.model.num_classes = 10
+  config.sampling.class_labels = 'all'
+  config.sampling.guidance_scale = 2.0
+  config.sampling.num_samples = 20
+  workdir = str(root / 'run')
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_conditional_sample_writes_labels_and_a_grid_per_class(trained_conditional, tmp_path):
+  config, workdir = trained_conditional
+  assert os.path.exists(os.path.join(workdir, 'samples', 'step_00000002.png'))  # Training grid.
+  workdir = _copy_workdir(workdir, tmp_path)
+  path = sample.sample_and_save(config, workdir)
+  assert '_guidance2_classes-all_' in os.path.basename(path)
+  saved = np.load(path)
+  assert saved['images'].shape == (20, 16, 16, 1)
+  np.testing.assert_array_equal(saved['labels'], np.arange(20) % 10)  # Every class in turn.
+  grid = np.asarray(Image.open(path.replace('.npz', '_classes.png')))
+  # One row per class (10), two samples each; tiles of 16 + 2 padding, upscaled 2x.
+  assert grid.shape == (2 * (10 * 18 + 2), 2 * (2 * 18 + 2))
+
+
+def test_the_sampler_guides_with_the_scale_it_is_given(trained_conditional):
+  config, workdir = trained_conditional
+  im = inference.load_inference_model(config, workdir)
+  rng = np.random.default_rng(0)
+  # Perturbed, so the class embedding and every branch move the output.
+  params = jax.tree.map(
+    lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32), im.ema_params
+  )
+  shape = (4,) + im.image_shape
+  sample_fn = inference.make_sample_fn(
+    im.model, im.diffusion, config, shape, sampler='ddim', num_steps=5, mesh=im.mesh
+  )
+  labels, key = np.array([1, 7, 3, 3], np.int32), jax.random.key(3)
+  guided = sampling.guided_model_fn(
+    inference.make_model_fn(im.model, params), labels, 3.0, null_label=10
+  )
+  direct = jax.jit(
+    lambda k: sampling.ddim_sample_loop(im.diffusion, guided, shape, k, num_steps=5, eta=0.0)
+  )(key)
+  np.testing.assert_allclose(sample_fn(params, key, labels, 3.0), direct, atol=1e-5)
+  assert np.abs(np.asarray(sample_fn(params, key, labels, 0.0)) - np.asarray(direct)).max() > 1e-2
+  with pytest.raises(ValueError, match=r'classes in \[0, 10\)'):
+    sample_fn(params, key, np.array([1, 7, 3, 10], np.int32), 3.0)
+  with pytest.raises(ValueError, match='guidance_scale must be a finite number >= 0'):
+    sample_fn(params, key, labels, -1.0)
+
+
+def test_a_conditional_checkpoint_sampled_without_labels_is_a_clear_error(trained_conditional):
+  config, workdir = trained_conditional
+  config = config.copy_and_resolve_references()
+  config.sampling.class_labels = None
+  with pytest.raises(config_validation.ConfigError, match="set sampling.class_labels to 'all'"):
+    sample.sample_and_save(config, workdir)
+  # The unconditional config of the same network: refused, saying what the checkpoint needs.
+  config.model.num_classes = 0
+  config.sampling.guidance_scale = None
+  with pytest.raises(
+    train.TrainingError, match=r'class-conditional \(10 classes\): use its config'
+  ):
+    sample.sample_and_save(config, workdir)
+
+
+def test_conditional_eval_sweeps_guidance_scales(trained_conditional, tmp_path):
+  config, workdir = trained_conditional
+  workdir = _copy_workdir(workdir, tmp_path)
+  config = config.copy_and_resolve_references()
+  config.eval.guidance_scales = (0.0, 2.0)
+  results = evaluate.evaluate(config, workdir)
+  assert results['bpd']['conditioned_on'].endswith('-log p(x | y)')
+  assert np.isfinite(results['bpd']['total_bpd'])
+  sweep = results['guidance_sweep']
+  assert [row['guidance_scale'] for row in sweep['rows']] == [0.0, 2.0]
+  for row in sweep['rows']:
+    assert row['fd_vs_train'] > 0 and np.isfinite(row['fd_vs_test'])
+    # A fraction of the 8 samples.
+    assert 0.0 <= row['class_accuracy'] <= 1.0 and (8 * row['class_accuracy']).is_integer()
+  assert os.path.exists(sweep['plot_png'])
+  saved = json.load(open(os.path.join(workdir, 'eval', f'step_{results["step"]}.json')))
+  assert saved['guidance_sweep']['rows'] == sweep['rows']

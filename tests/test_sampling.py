@@ -665,3 +665,173 @@ def test_respaced_needs_the_full_process():
   respaced = diffusion.respace(d, [0, 50, 99])
   with pytest.raises(ValueError, match='full process'):
     sampling.respaced_sample_loop(respaced, _gaussian_model(), (4, 4), _key(), num_steps=2)
+
+
+# ---------------------------------------------------------------------------
+# Classifier-free guidance.
+#
+# Each class y has Gaussian data N(mu_y, s_y^2) and the null label its own
+# Gaussian, so every branch's optimal eps is affine in x_t and so is the
+# guided eps_u + s (eps_c - eps_u): DDIM stays a linear-Gaussian chain whose
+# output moments follow exactly, class by class.
+
+CLASS_MU = np.array([[-0.5, 0.2, 0.4, 0.0], [0.6, -0.3, 0.1, 0.3]])
+CLASS_S = np.array([[0.3, 0.5, 0.2, 0.6], [0.4, 0.25, 0.5, 0.3]])
+NULL_MU, NULL_S = np.array([0.05, -0.05, 0.25, 0.15]), np.array([0.6, 0.5, 0.4, 0.5])
+NUM_CLASSES = 2
+
+
+def _class_conditional_model(counter=None):
+  """model_fn(x, t, y): class y's optimal eps, the null label's for y = NUM_CLASSES."""
+  oracles = [_gaussian_model(mu, s) for mu, s in zip(CLASS_MU, CLASS_S)]
+  oracles.append(_gaussian_model(NULL_MU, NULL_S))
+
+  def model_fn(x, t, y):
+    if counter is not None:
+      counter['calls'].append((x.shape, np.asarray(y)))
+    outs = jnp.stack([oracle(x, t) for oracle in oracles])  # [classes + 1, B, ...]
+    return jnp.take_along_axis(outs, y[None, :, None], axis=0)[0]
+
+  return model_fn
+
+
+def _exact_guided_ddim(num_steps, eta, scale, label):
+  """Exact (mean, var) of DDIM with the guided affine eps of class `label`."""
+  _, ac, _ = _np_alphas_cumprod(T)
+  seq = _ddim_seq(num_steps, 'uniform')
+  m, v = np.zeros(4), np.ones(4)
+  for i in reversed(range(len(seq))):
+    a = ac[seq[i]]
+    a_prev = ac[seq[i - 1]] if i > 0 else 1.0
+    sigma2 = eta**2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    e1_c, e0_c, _, _ = _affine_coefs(a, CLASS_MU[label], CLASS_S[label])
+    e1_u, e0_u, _, _ = _affine_coefs(a, NULL_MU, NULL_S)
+    e1, e0 = e1_u + scale * (e1_c - e1_u), e0_u + scale * (e0_c - e0_u)
+    p1, p0 = (1 - np.sqrt(1 - a) * e1) / np.sqrt(a), -np.sqrt(1 - a) * e0 / np.sqrt(a)
+    direction = np.sqrt(1 - a_prev - sigma2)
+    m1 = np.sqrt(a_prev) * p1 + direction * e1
+    m, v = m1 * m + np.sqrt(a_prev) * p0 + direction * e0, m1**2 * v + sigma2
+  return m, v
+
+
+@functools.cache
+def _guided_ddim_samples(scale):
+  labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), N)
+  guided = sampling.guided_model_fn(
+    _class_conditional_model(), labels, scale, null_label=NUM_CLASSES
+  )
+  d = _diffusion()
+  fn = jax.jit(
+    lambda k: sampling.ddim_sample_loop(
+      d, guided, (len(labels), 4), k, num_steps=20, eta=0.5, clip_denoised=False
+    )
+  )
+  return labels, np.asarray(fn(_key(21)), np.float64)
+
+
+@pytest.mark.parametrize('var_type', ['fixedlarge', 'learned_range'])
+def test_guidance_is_the_formula_in_one_call_on_the_doubled_batch(var_type):
+  # An arbitrary nonlinear conditional model; 2C channels with a learned variance.
+  def model_fn(x, t, y):
+    calls.append((x.shape, np.asarray(t), np.asarray(y)))
+    yf = y.astype(jnp.float32)[:, None]
+    mean = jnp.sin(x * (yf + 1.0)) + 0.01 * t[:, None] * yf
+    if var_type == 'fixedlarge':
+      return mean
+    return jnp.concatenate([mean, jnp.cos(x + yf)], axis=-1)
+
+  x = jax.random.normal(_key(5), (3, 4))
+  t = jnp.array([1, 50, 99], jnp.int32)
+  labels = np.array([2, 0, 1], np.int32)
+  scale = 2.5
+  calls = []
+  g = sampling.guided_model_fn(model_fn, labels, scale, null_label=3, model_var_type=var_type)
+  out = np.asarray(g(x, t))
+  # One call, on 2B examples: [x; x] with [labels; null].
+  assert len(calls) == 1
+  shape, t_called, y_called = calls[0]
+  assert shape == (6, 4)
+  np.testing.assert_array_equal(t_called, np.concatenate([t, t]))
+  np.testing.assert_array_equal(y_called, [2, 0, 1, 3, 3, 3])
+  calls.clear()
+  cond = np.asarray(model_fn(x, t, jnp.asarray(labels)))
+  uncond = np.asarray(model_fn(x, t, jnp.full((3,), 3, jnp.int32)))
+  expected_mean = uncond[:, :4] + scale * (cond[:, :4] - uncond[:, :4])
+  np.testing.assert_allclose(out[:, :4], expected_mean, rtol=1e-6, atol=1e-6)
+  if var_type == 'learned_range':
+    assert out.shape == (3, 8)
+    np.testing.assert_array_equal(out[:, 4:], cond[:, 4:])  # The conditional branch's.
+  # s = 0 is the unconditional model, s = 1 the conditional one.
+  for s, branch in ((0.0, uncond), (1.0, cond)):
+    g = sampling.guided_model_fn(model_fn, labels, s, null_label=3, model_var_type=var_type)
+    np.testing.assert_allclose(np.asarray(g(x, t))[:, :4], branch[:, :4], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('label', range(NUM_CLASSES))
+def test_guided_ddim_has_the_exact_moments(label):
+  labels, x = _guided_ddim_samples(3.0)
+  _assert_moments(x[labels == label], *_exact_guided_ddim(20, 0.5, 3.0, label))
+  # The check can fail: guidance moved the moments far from the plain conditional model's.
+  mean_err, var_err = _moment_errors(x[labels == label], *_exact_guided_ddim(20, 0.5, 1.0, label))
+  assert max(mean_err.max(), var_err.max()) > 20
+
+
+@pytest.mark.parametrize(
+  'name, run',
+  [
+    ('ddpm', lambda d, m, k: sampling.p_sample_loop(d, m, (4, 4), k)),
+    ('respaced', lambda d, m, k: sampling.respaced_sample_loop(d, m, (4, 4), k, num_steps=5)),
+    ('pc', lambda d, m, k: sampling.pc_sample_loop(d, m, (4, 4), k, corrector_steps=1)),
+    ('dpm_solver', lambda d, m, k: sampling.dpm_solver_sample_loop(d, m, (4, 4), k, num_steps=5)),
+    ('unipc', lambda d, m, k: sampling.unipc_sample_loop(d, m, (4, 4), k, num_steps=5)),
+  ],
+)
+def test_every_sampler_takes_the_guided_model(name, run):
+  # At s = 1 guidance is the conditional model, so each sampler gives its samples.
+  del name
+  model_fn = _class_conditional_model()
+  labels = np.array([0, 1, 1, 0], np.int32)
+  guided = sampling.guided_model_fn(model_fn, labels, 1.0, null_label=NUM_CLASSES)
+
+  def conditional(x, t):
+    return model_fn(x, t, jnp.asarray(labels))
+
+  d = _diffusion()
+  both = jax.jit(lambda k: (run(d, guided, k), run(d, conditional, k)))
+  a, b = both(_key(8))
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+  # And at s = 3 they differ from it.
+  strong = sampling.guided_model_fn(model_fn, labels, 3.0, null_label=NUM_CLASSES)
+  c = jax.jit(lambda k: run(d, strong, k))(_key(8))
+  assert np.abs(np.asarray(c) - np.asarray(b)).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
+    (dict(guidance_scale=-0.5), 'guidance_scale must be a finite number >= 0'),
+    (dict(guidance_scale=float('nan')), 'guidance_scale must be a finite number >= 0'),
+    (dict(guidance_scale='3'), 'guidance_scale must be a number'),
+    (dict(labels=np.zeros((4, 1), np.int32)), r'1-D integer array \[B\]'),
+    (dict(labels=np.zeros(4, np.float32)), r'1-D integer array \[B\]'),
+    (dict(labels=np.array([0, 1, 2, 1], np.int32)), r'classes in \[0, 2\).*\[2\]'),
+    (dict(labels=np.array([0, -1, 1, 1], np.int32)), r'classes in \[0, 2\).*\[-1\]'),
+    (dict(null_label=0), 'null_label must be the number of classes'),
+    (dict(model_var_type='learnt'), 'model_var_type'),
+  ],
+)
+def test_bad_guidance_input_is_a_clear_error(kwargs, match):
+  args = dict(labels=np.array([0, 1, 1, 0], np.int32), guidance_scale=2.0, null_label=NUM_CLASSES)
+  args.update(kwargs)
+  counter = {'calls': []}
+  labels, scale = args.pop('labels'), args.pop('guidance_scale')
+  with pytest.raises(ValueError, match=match):
+    sampling.guided_model_fn(_class_conditional_model(counter), labels, scale, **args)
+  assert not counter['calls']
+
+
+def test_labels_of_another_batch_size_are_refused_when_called():
+  labels = np.array([0, 1, 1], np.int32)
+  guided = sampling.guided_model_fn(_class_conditional_model(), labels, 2.0, null_label=2)
+  with pytest.raises(ValueError, match=r'one class per sample, shape \[B\] = \(4,\)'):
+    sampling.ddim_sample_loop(_diffusion(), guided, (4, 4), _key(), num_steps=5)

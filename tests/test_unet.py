@@ -310,3 +310,50 @@ def test_unet_from_config():
 def test_unet_from_config_rejects_unknown_dtype():
   with pytest.raises(ValueError, match=r'float16.*valid choices.*bfloat16.*float32'):
     unet_from_config(_model_config(dtype='float16'), 3)
+
+
+def test_class_conditional_unet_adds_only_a_class_embedding(tiny):
+  model = UNet(**TINY, dropout=0.1, num_classes=4)
+  x, t = tiny['x'], tiny['t']
+  y = jnp.array([1, 4], jnp.int32)  # 4: the null label.
+  init = jax.jit(
+    lambda x, t, y: model.init(jax.random.key(0), x, t, y, train=False),
+    compiler_options=_FAST_COMPILE,
+  )
+  params = dict(init(x, t, y)['params'])
+  # One (num_classes + 1) x 4ch table more; every other parameter as the unconditional model's.
+  embedding = params.pop('class_embed')['embedding']
+  assert embedding.shape == (5, 4 * TINY['ch'])
+  jax.tree.map(np.testing.assert_array_equal, params, dict(tiny['variables']['params']))
+
+  # The table is added to the timestep embedding: with it zero, the unconditional function.
+  apply = jax.jit(lambda p, x, t, y: model.apply({'params': p}, x, t, y, train=False))
+  zeroed = dict(tiny['params'], class_embed={'embedding': jnp.zeros_like(embedding)})
+  np.testing.assert_allclose(
+    apply(zeroed, x, t, y), _apply(tiny['model'], {'params': tiny['params']}, x, t), atol=1e-6
+  )
+  perturbed = dict(tiny['params'], class_embed={'embedding': embedding})
+  a, b = apply(perturbed, x, t, y), apply(perturbed, x, t, jnp.array([2, 4], jnp.int32))
+  assert np.abs(a[0] - b[0]).max() > 1e-3  # Another class, another output...
+  np.testing.assert_array_equal(a[1], b[1])  # ...and the same one where the label is the same.
+
+
+@pytest.mark.parametrize(
+  'num_classes, y, match',
+  [
+    (4, None, r'class-conditional \(num_classes=4\): pass labels y'),
+    (0, jnp.array([1, 2]), r'unconditional \(num_classes=0\); it takes no labels'),
+    (4, jnp.array([1, 2, 3]), r'y must be integer labels of shape \[B\] = \(2,\)'),
+    (4, jnp.array([1.0, 2.0]), r'y must be integer labels'),
+  ],
+)
+def test_labels_must_fit_the_model(num_classes, y, match):
+  model = UNet(**TINY, num_classes=num_classes)
+  x, t = jnp.zeros((2, 16, 16, 3)), jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, y, train=False))
+
+
+def test_unet_from_config_reads_num_classes():
+  assert unet_from_config(_model_config(), 3).num_classes == 0  # Configs without the field.
+  assert unet_from_config(_model_config(num_classes=10), 3).num_classes == 10

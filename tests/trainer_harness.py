@@ -71,6 +71,17 @@ def tiny_config(data_dirs, **training):
   return config
 
 
+# The fake data's classes: the overrides that make the tiny config class-conditional.
+NUM_CLASSES = 10
+CONDITIONAL_FLAGS = [f'--config.model.num_classes={NUM_CLASSES}']
+
+
+def conditional(config):
+  """`config` made class-conditional, as CONDITIONAL_FLAGS make it on the command line."""
+  config.model.num_classes = NUM_CLASSES
+  return config
+
+
 def config_flags(data_dirs, **training) -> list[str]:
   """The command-line flags that make main.py build `tiny_config(data_dirs, **training)`."""
   flags = [

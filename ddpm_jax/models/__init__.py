@@ -22,7 +22,9 @@ def unet_from_config(model_config: ml_collections.ConfigDict, out_channels: int)
       int), `num_res_blocks` (int), `attn_resolutions` (sequence of int,
       spatial side lengths), `dropout` (float), `resamp_with_conv` (bool),
       `dtype` ('float32' or 'bfloat16', the compute dtype) and optionally
-      `layers` (one of `layers.LAYER_CHOICES`; default 'auto').
+      `layers` (one of `layers.LAYER_CHOICES`; default 'auto') and
+      `num_classes` (class labels of a class-conditional network; default 0,
+      unconditional).
     out_channels: output channels, e.g. 3 for eps or 6 with learned variance.
 
   Returns:
@@ -47,4 +49,5 @@ def unet_from_config(model_config: ml_collections.ConfigDict, out_channels: int)
     resamp_with_conv=bool(model_config.resamp_with_conv),
     dtype=DTYPES[dtype_name],
     layers=None if layers_name == 'auto' else layer_set,
+    num_classes=int(model_config.get('num_classes', 0)),
   )

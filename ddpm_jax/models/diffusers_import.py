@@ -12,6 +12,12 @@ diffusers' `UNet2DModel` with the original DDPM settings (e.g. the public
   by one, like TF's stride-2 'SAME'), single-head attention
   (attention_head_dim None), silu, conv resampling.
 
+A class-conditional `UNet2DModel` (`num_class_embeds` = N with
+`class_embed_type` None, whose label embedding is added to the timestep
+embedding) imports as the conditional `UNet` with num_classes = N - 1: the
+last of its N embeddings is taken as the null label of classifier-free
+guidance, the convention of models trained with it.
+
 Any other setting changes the function and is rejected with a ValueError.
 Weights are read with the `safetensors` NumPy API, so torch is only needed
 for legacy `.bin` files.
@@ -52,7 +58,6 @@ _REQUIRED = {
   'resnet_time_scale_shift': 'default',
   'add_attention': True,
   'class_embed_type': None,
-  'num_class_embeds': None,
 }
 # diffusers 0.42 `UNet2DModel.__init__` defaults, for entries a config omits.
 _DIFFUSERS_DEFAULTS = {
@@ -124,7 +129,7 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
 
   Returns:
     keyword arguments for `UNet` (ch, ch_mult, num_res_blocks,
-    attn_resolutions, dropout, out_ch, resamp_with_conv).
+    attn_resolutions, dropout, out_ch, resamp_with_conv, num_classes).
 
   Raises:
     ValueError: naming every setting that the DDPM U-Net does not implement.
@@ -155,6 +160,14 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
       f'attn_norm_num_groups={cfg["attn_norm_num_groups"]!r} (need None or {NUM_GROUPS})'
     )
 
+  num_class_embeds = cfg['num_class_embeds']
+  if num_class_embeds is not None and (
+    not isinstance(num_class_embeds, int) or num_class_embeds < 2
+  ):
+    problems.append(
+      f'num_class_embeds={num_class_embeds!r} (need None or an int >= 2: the classes and '
+      'the null label)'
+    )
   channels = [int(c) for c in cfg['block_out_channels']]
   ch = channels[0]
   if any(c % ch for c in channels):
@@ -198,6 +211,7 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
     dropout=float(cfg['dropout']),
     out_ch=int(cfg['out_channels']),
     resamp_with_conv=True,
+    num_classes=0 if num_class_embeds is None else num_class_embeds - 1,
   )
 
 
@@ -260,6 +274,7 @@ def _block_prefixes(num_levels: int, num_res_blocks: int, attn_levels: set[int])
   yield 'conv_in', 'conv_in', (('', '', _conv, 'kernel'),)
   yield 'time_embedding.linear_1', 'temb_dense0', (('', '', _linear, 'kernel'),)
   yield 'time_embedding.linear_2', 'temb_dense1', (('', '', _linear, 'kernel'),)
+  yield 'class_embedding', 'class_embed', (('', '', _same, 'embedding'),)
   for level in range(num_levels):
     for i in range(num_res_blocks):
       yield f'down_blocks.{level}.resnets.{i}', f'down_{level}_block_{i}', _RESNET_LAYERS
@@ -314,9 +329,10 @@ def convert_diffusers_state_dict(
   """
   tensors = _normalise_legacy_names(dict(tensors))
   h, w, c = image_shape
+  labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
   expected = jax.eval_shape(
     lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32), train=False
+      jax.random.key(0), jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32), labels, train=False
     )
   )['params']
   attn_levels = {
@@ -407,8 +423,9 @@ def load_diffusers_unet(
   Returns:
     (model, params): an unbound `UNet` and its 'params' collection, for
     `model.apply({'params': params}, x, t, train=False)` with x NHWC in
-    [B, H, W, in_channels] and t int32 [B]. The output matches the
-    diffusers model's `sample` transposed to NHWC.
+    [B, H, W, in_channels] and t int32 [B] (and labels y int32 [B] after t
+    for a class-conditional model). The output matches the diffusers
+    model's `sample` (with `class_labels=y`) transposed to NHWC.
 
   Raises:
     ValueError: for a config the DDPM U-Net does not implement, or weights

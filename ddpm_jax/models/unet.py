@@ -9,6 +9,12 @@ branch and of the output convolution, so a fresh model predicts ~0.
 
 The layers themselves come from a `Layers` set (`ddpm_jax.models.layers`):
 plain flax layers or faster kernels with the same parameters and function.
+With `num_classes` > 0 the network is class-conditional: a learned
+embedding of the label (num_classes + 1 rows, the last one the "null" label
+that classifier-free guidance trains and samples with) is added to the
+timestep embedding, as in ADM and GLIDE. With num_classes = 0 (the paper's
+setting) the parameters and the function are the unconditional network's.
+
 Tensors are NHWC. Parameter names are this project's own; see
 `ddpm_jax.models.diffusers_import` for the mapping to diffusers'
 `UNet2DModel`, whose DDPM layout computes exactly the same function.
@@ -139,6 +145,8 @@ class UNet(nn.Module):
     param_dtype: parameter dtype.
     layers: the building blocks; None picks them by platform
       (`layers.for_platform`). Every set has the same parameters.
+    num_classes: class labels of a class-conditional network; 0 makes it
+      unconditional. The label `num_classes` is the null label.
   """
 
   ch: int = 128
@@ -151,6 +159,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   layers: Layers | None = None
+  num_classes: int = 0
 
   def _layers(self) -> Layers:
     """The layer set, with the original's initialisation and this network's dtypes bound."""
@@ -164,7 +173,7 @@ class UNet(nn.Module):
       upsample_conv=bind(layers.upsample_conv, kernel_init=default_init),
     )
 
-  def _check_shapes(self, x: jax.Array, t: jax.Array) -> None:
+  def _check_shapes(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
     if x.ndim != 4:
       raise ValueError(f'UNet expects NHWC images [B, H, W, C], got shape {x.shape}')
     (_, height, width, _), factor = x.shape, 2 ** (len(self.ch_mult) - 1)
@@ -180,25 +189,43 @@ class UNet(nn.Module):
       raise ValueError(f'{msg} are not divisible by the {NUM_GROUPS} GroupNorm groups')
     if t.shape != (x.shape[0],):
       raise ValueError(f't must have shape [B] = ({x.shape[0]},), got {t.shape}')
+    if self.num_classes == 0 and y is not None:
+      raise ValueError('this U-Net is unconditional (num_classes=0); it takes no labels y')
+    if self.num_classes > 0:
+      if y is None:
+        raise ValueError(
+          f'this U-Net is class-conditional (num_classes={self.num_classes}): pass labels y '
+          f'[B] in [0, {self.num_classes}] ({self.num_classes} is the null label)'
+        )
+      if y.shape != (x.shape[0],) or not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(
+          f'y must be integer labels of shape [B] = ({x.shape[0]},), got {y.dtype} {y.shape}'
+        )
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
+  ) -> jax.Array:
     """Predicts the noise (or other target) for a batch of noisy images.
 
     Args:
       x: noisy images, float array of shape [B, H, W, C] (NHWC); H and W
         divisible by 2**(len(ch_mult) - 1).
       t: integer timesteps, shape [B] (0-indexed, as in the original code).
+      y: integer class labels [B] in [0, num_classes] (num_classes is the
+        null label) for a class-conditional network; None otherwise.
       train: enables dropout (needs the 'dropout' rng).
 
     Returns:
       float32 array of shape [B, H, W, out_ch].
 
     Raises:
-      ValueError: at trace time, for a bad image size or channel count.
+      ValueError: at trace time, for a bad image size or channel count, or
+        labels missing, given to an unconditional network, or of the wrong shape.
     """
     t = jnp.asarray(t)
-    self._check_shapes(x, t)
+    y = None if y is None else jnp.asarray(y)
+    self._check_shapes(x, t, y)
     layers = self._layers()
     res_block = functools.partial(ResBlock, dropout=self.dropout, layers=layers)
     attn_block = functools.partial(AttnBlock, layers=layers)
@@ -207,6 +234,16 @@ class UNet(nn.Module):
     temb = timestep_embedding(t, self.ch)
     temb = layers.dense(4 * self.ch, name='temb_dense0')(temb)
     temb = layers.dense(4 * self.ch, name='temb_dense1')(nn.swish(temb))
+    if self.num_classes > 0:
+      # Embed's default init (unit normal rows), as ADM's nn.Embedding.
+      embed = nn.Embed(
+        self.num_classes + 1,
+        4 * self.ch,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name='class_embed',
+      )
+      temb = temb + embed(y)
 
     hs = [layers.conv(self.ch, name='conv_in')(x)]
     for level, mult in enumerate(self.ch_mult):
