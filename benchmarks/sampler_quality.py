@@ -204,6 +204,11 @@ def table(results: dict) -> str:
 
 def run(config, workdir: str, rows: list[str], num_samples: int, resamples: int, out: str) -> dict:
   """Runs the named rows on the workdir's newest checkpoint; returns (and writes) the results."""
+  if config.model.num_classes:
+    raise ValueError(
+      'sampler_quality compares samplers on an unconditional model; a class-conditional '
+      "one is measured per guidance scale by --mode=eval's guidance sweep (eval.guidance_scales)."
+    )
   files.makedirs(out)
   im = inference.load_inference_model(config, workdir)
   eval_dir = os.path.join(files.absolute(workdir), 'eval')
