@@ -133,6 +133,7 @@ def test_diffusers_peer_is_the_same_network(config_module):
     dropout=config.model.dropout,
     out_ch=channels,
     resamp_with_conv=True,
+    num_classes=config.model.num_classes,
   )
 
 
