@@ -36,6 +36,14 @@ def make_grid(
   return grid
 
 
+def readable_upscale(image_size: int, min_pixels: int = 112) -> int:
+  """The nearest-neighbour factor that shows an image_size-pixel tile at >= min_pixels.
+
+  28x28 and 32x32 images get 4x, 64x64 2x, 256x256 none.
+  """
+  return max(1, -(-min_pixels // int(image_size)))
+
+
 def save_png(image: np.ndarray, path: files.PathLike, upscale: int = 1) -> None:
   """Writes a uint8 [H, W, C] image (C in 1, 3) to `path`, creating folders."""
   image = np.asarray(image)

@@ -40,12 +40,15 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
     arrays['labels'] = inference.class_labels(config, len(images))
   if jax.process_index() == 0:
     files.save_npz(path, **arrays)
-    images_lib.save_png(images_lib.make_grid(images[:64]), os.path.join(samples_dir, f'{name}.png'))
+    scale = images_lib.readable_upscale(im.image_shape[0])
+    images_lib.save_png(
+      images_lib.make_grid(images[:64]), os.path.join(samples_dir, f'{name}.png'), upscale=scale
+    )
     if 'labels' in arrays:
       images_lib.save_png(
         class_grid(images, arrays['labels']),
         os.path.join(samples_dir, f'{name}_classes.png'),
-        upscale=2,
+        upscale=scale,
       )
     if config.sampling.figures:
       save_figures(config, im, samples_dir, name)
@@ -116,7 +119,7 @@ def save_figures(
   images_lib.save_png(
     images_lib.make_grid(images_lib.to_uint8(tiles), num_columns=pred_x0.shape[0]),
     os.path.join(samples_dir, f'{name}_progressive.png'),
-    upscale=2,
+    upscale=images_lib.readable_upscale(im.image_shape[0]),
   )
 
   # Interpolation between two generated images, decoded from t = T/2.
@@ -150,5 +153,5 @@ def save_figures(
   images_lib.save_png(
     images_lib.make_grid(images_lib.to_uint8(row), num_columns=len(row)),
     os.path.join(samples_dir, f'{name}_interpolation.png'),
-    upscale=2,
+    upscale=images_lib.readable_upscale(im.image_shape[0]),
   )

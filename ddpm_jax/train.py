@@ -386,7 +386,11 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
         samples = multihost_utils.process_allgather(samples, tiled=True)
         grid = images_lib.make_grid(images_lib.to_uint8(samples))
         if is_chief:
-          images_lib.save_png(grid, os.path.join(workdir, 'samples', f'step_{step:08d}.png'))
+          images_lib.save_png(
+            grid,
+            os.path.join(workdir, 'samples', f'step_{step:08d}.png'),
+            upscale=images_lib.readable_upscale(config.data.image_size),
+          )
         writer.write_images(step, {'samples': grid[None]})
 
       if _is_due(step, tc.checkpoint_every_steps, last_step) or preempted:

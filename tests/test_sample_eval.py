@@ -13,6 +13,7 @@ from PIL import Image
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import evaluate
+from ddpm_jax import images as images_lib
 from ddpm_jax import inference
 from ddpm_jax import sample
 from ddpm_jax import sampling
@@ -48,7 +49,12 @@ def test_sample_writes_uint8_npz_and_grid_deterministically(trained, tmp_path):
   images = np.load(path)['images']
   assert images.shape == (config.sampling.num_samples, 16, 16, 1)
   assert images.dtype == np.uint8 and images.std() > 0
-  assert os.path.exists(path.replace('.npz', '.png'))
+  # The grid is the samples enlarged by pixel repetition to a readable size (16 px -> 112).
+  grid = np.asarray(Image.open(path.replace('.npz', '.png')))
+  cols = int(np.ceil(np.sqrt(len(images))))
+  rows = -(-len(images) // cols)
+  assert grid.shape == (7 * (rows * 18 + 2), 7 * (cols * 18 + 2))
+  np.testing.assert_array_equal(grid[14 : 14 + 112 : 7, 14 : 14 + 112 : 7], images[0, ..., 0])
 
   # Resume: one finished batch is kept as it is, a missing one is redone,
   # and the result is the same as the uninterrupted run.
@@ -125,6 +131,10 @@ def test_eval_reports_bound_and_quality_and_resumes(trained, tmp_path):
   assert again['bpd'] == bpd
   assert again['sample_quality']['fd_vs_train'] == quality['fd_vs_train']
   assert os.stat(first).st_mtime_ns == mtime
+
+
+def test_grids_are_enlarged_to_a_readable_size():
+  assert [images_lib.readable_upscale(n) for n in (16, 28, 32, 64, 256)] == [7, 4, 4, 2, 1]
 
 
 def test_rate_distortion_is_cumulative():
@@ -224,8 +234,8 @@ def test_conditional_sample_writes_labels_and_a_grid_per_class(trained_condition
   assert saved['images'].shape == (20, 16, 16, 1)
   np.testing.assert_array_equal(saved['labels'], np.arange(20) % 10)  # Every class in turn.
   grid = np.asarray(Image.open(path.replace('.npz', '_classes.png')))
-  # One row per class (10), two samples each; tiles of 16 + 2 padding, upscaled 2x.
-  assert grid.shape == (2 * (10 * 18 + 2), 2 * (2 * 18 + 2))
+  # One row per class (10), two samples each; tiles of 16 + 2 padding, upscaled 7x (to 112).
+  assert grid.shape == (7 * (10 * 18 + 2), 7 * (2 * 18 + 2))
 
 
 def test_the_sampler_guides_with_the_scale_it_is_given(trained_conditional):
