@@ -210,6 +210,7 @@ def _domain_classifier(
     labels,
     steps=config.eval.domain_classifier_steps,
     batch_size=min(128, len(images)),
+    random_flip=config.data.random_flip,
     eval_images=test_images,
     eval_labels=test_labels,
   )

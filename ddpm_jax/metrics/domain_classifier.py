@@ -9,15 +9,15 @@ space for a Frechet distance. The number it gives is labelled
 and tracks progress, but it is NOT comparable with Inception FID nor across
 datasets or classifier weights.
 
-Network (NHWC, inputs mapped to [-1, 1] from uint8):
-  conv3x3 32 -> ReLU -> maxpool 2 -> conv3x3 64 -> ReLU -> maxpool 2 ->
-  conv3x3 128 -> ReLU -> maxpool 2 -> avgpool 2 (2x2x128 at 32x32 input) ->
-  flatten -> dense 256 (features, taken before the ReLU) -> ReLU ->
-  dense num_classes (logits).
-226,570 parameters for 32x32x1 input and 10 classes.
+Network (NHWC, inputs mapped to [-1, 1] from uint8), every convolution 3x3
+with a ReLU: 32 -> 64 stride 2 -> 64 -> 128 stride 2 -> 128, flattened
+(7x7x128 at 28x28 input) -> dense 256 (features, taken before the ReLU) ->
+ReLU -> dense num_classes (logits). 1,885,642 parameters for 28x28x1 input
+and 10 classes; 92.2% test accuracy on Fashion-MNIST after the default 2000
+steps with flips (docs/default_recipe.md).
 
 Training: AdamW (lr 1e-3 cosine-decayed to 0, weight decay 1e-4), batch 128,
-softmax cross-entropy, epochs shuffled with a NumPy generator seeded by
+softmax cross-entropy, optional random flips, epochs shuffled with a NumPy generator seeded by
 `seed`, so a run is reproducible on the same platform. A trained classifier
 is cached as msgpack under a key derived from the data and the settings, so
 evaluations reuse it instead of retraining.
@@ -53,7 +53,7 @@ __all__ = [
 
 FD_LABEL = 'Frechet distance (domain classifier features; NOT comparable with Inception FID)'
 # Part of the cache key: bump when the network or training recipe changes.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 Params = Mapping[str, Any]
 
@@ -62,7 +62,8 @@ class DomainClassifier(nn.Module):
   """Small CNN classifier; returns penultimate features and logits."""
 
   num_classes: int
-  channels: tuple[int, ...] = (32, 64, 128)
+  # (channels, stride) of each 3x3 convolution.
+  convs: tuple[tuple[int, int], ...] = ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
   feature_dim: int = 256
 
   @nn.compact
@@ -75,16 +76,15 @@ class DomainClassifier(nn.Module):
     Returns:
       (features [N, feature_dim], logits [N, num_classes]).
     """
-    for i, ch in enumerate(self.channels):
-      x = nn.relu(nn.Conv(ch, (3, 3), padding='SAME', name=f'conv{i}')(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    # A 2x2 average keeps coarse layout (top/bottom, left/right), which
-    # global pooling would throw away, at a quarter of a flatten's weights.
-    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    # Strided convolutions rather than max pooling: XLA:CPU's max-pool
+    # gradient is slow, and the strides learn their own downsampling.
+    for i, (ch, stride) in enumerate(self.convs):
+      x = nn.relu(nn.Conv(ch, (3, 3), strides=stride, padding='SAME', name=f'conv{i}')(x))
+    # Flattened whole, so the features keep where things are in the image.
     x = x.reshape(x.shape[0], -1)
     # Features are taken before the ReLU: with ReLU many units are zero for
-    # every input (about 40% after training on Fashion-MNIST), which makes
-    # the feature covariance singular and wastes dimensions.
+    # every input, which makes the feature covariance singular and wastes
+    # dimensions.
     features = nn.Dense(self.feature_dim, name='penultimate')(x)
     logits = nn.Dense(self.num_classes, name='head')(nn.relu(features))
     return features, logits
@@ -138,6 +138,12 @@ def _check_images(images: np.ndarray) -> np.ndarray:
   return images
 
 
+def _flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Flips a random half of the images left to right."""
+  flip = rng.random(len(images)) < 0.5
+  return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
 def train_domain_classifier(
   images: np.ndarray,
   labels: np.ndarray,
@@ -146,6 +152,7 @@ def train_domain_classifier(
   batch_size: int = 128,
   seed: int = 0,
   learning_rate: float = 1e-3,
+  random_flip: bool = False,
   num_classes: int | None = None,
   eval_images: np.ndarray | None = None,
   eval_labels: np.ndarray | None = None,
@@ -160,6 +167,9 @@ def train_domain_classifier(
     batch_size: examples per step (must be <= N).
     seed: seeds the initialisation and the shuffling.
     learning_rate: peak AdamW learning rate (cosine-decayed to 0).
+    random_flip: flip a random half of each batch left to right (for data
+      whose classes keep under a flip, as the diffusion model's
+      `data.random_flip` declares).
     num_classes: defaults to max(labels) + 1.
     eval_images: optional [M, H, W, C] uint8 held-out images.
     eval_labels: optional [M] labels for `eval_images`.
@@ -196,8 +206,14 @@ def train_domain_classifier(
       pos = 0
     idx = order[pos : pos + batch_size]
     pos += batch_size
+    batch = _flip(images[idx], rng) if random_flip else images[idx]
     params, opt_state, loss = _train_step(
-      params, opt_state, images[idx], labels[idx], rates[step], num_classes=num_classes
+      params,
+      opt_state,
+      batch,
+      labels[idx],
+      rates[step],
+      num_classes=num_classes,
     )
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f'domain classifier loss is {float(loss)}')
@@ -232,6 +248,7 @@ def load_or_train_domain_classifier(
   batch_size: int = 128,
   seed: int = 0,
   learning_rate: float = 1e-3,
+  random_flip: bool = False,
   eval_images: np.ndarray | None = None,
   eval_labels: np.ndarray | None = None,
 ) -> tuple[Params, dict[str, Any]]:
@@ -247,6 +264,7 @@ def load_or_train_domain_classifier(
     batch_size: see `train_domain_classifier`.
     seed: see `train_domain_classifier`.
     learning_rate: see `train_domain_classifier`.
+    random_flip: see `train_domain_classifier`.
     eval_images: optional held-out images for the reported accuracy (used
       only when training).
     eval_labels: labels of `eval_images`.
@@ -263,6 +281,7 @@ def load_or_train_domain_classifier(
     'batch_size': batch_size,
     'seed': seed,
     'learning_rate': learning_rate,
+    'random_flip': random_flip,
   }
   path = os.path.join(
     files.absolute(cache_dir), f'domain_classifier_{_cache_key(images, labels, settings)}.msgpack'
@@ -280,6 +299,7 @@ def load_or_train_domain_classifier(
     batch_size=batch_size,
     seed=seed,
     learning_rate=learning_rate,
+    random_flip=random_flip,
     eval_images=eval_images,
     eval_labels=eval_labels,
   )
