@@ -36,6 +36,23 @@ def make_grid(
   return grid
 
 
+def class_grid(images: np.ndarray, labels: np.ndarray, max_columns: int = 10) -> np.ndarray:
+  """One row per class present, in class order, of its first samples.
+
+  Args:
+    images: uint8 [N, H, W, C].
+    labels: int [N], the class of each image.
+    max_columns: most images per row.
+
+  Returns:
+    uint8 grid image; a row has min(max_columns, the rarest class's count) images.
+  """
+  classes = np.unique(labels)
+  columns = min(max_columns, min(int(np.sum(labels == c)) for c in classes))
+  rows = [images[labels == c][:columns] for c in classes]
+  return make_grid(np.concatenate(rows), num_columns=columns)
+
+
 def readable_upscale(image_size: int, min_pixels: int = 112) -> int:
   """The nearest-neighbour factor that shows an image_size-pixel tile at >= min_pixels.
 

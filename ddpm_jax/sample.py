@@ -46,7 +46,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
     )
     if 'labels' in arrays:
       images_lib.save_png(
-        class_grid(images, arrays['labels']),
+        images_lib.class_grid(images, arrays['labels']),
         os.path.join(samples_dir, f'{name}_classes.png'),
         upscale=scale,
       )
@@ -54,23 +54,6 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
       save_figures(config, im, samples_dir, name)
   logging.info('Wrote %d samples of shape %s to %s.', len(images), images.shape[1:], path)
   return path
-
-
-def class_grid(images: np.ndarray, labels: np.ndarray, max_columns: int = 10) -> np.ndarray:
-  """One row per class present, in class order, of its first samples.
-
-  Args:
-    images: uint8 [N, H, W, C].
-    labels: int [N], the class of each image.
-    max_columns: most images per row.
-
-  Returns:
-    uint8 grid image; a row has min(max_columns, the rarest class's count) images.
-  """
-  classes = np.unique(labels)
-  columns = min(max_columns, min(int(np.sum(labels == c)) for c in classes))
-  rows = [images[labels == c][:columns] for c in classes]
-  return images_lib.make_grid(np.concatenate(rows), num_columns=columns)
 
 
 def _figure_model_fn(config, im, model_fn, label):

@@ -383,8 +383,11 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
           scale = inference.guidance_scale_of(config)
           samples = sample_fn(state.ema_params, grid_key, grid_labels, scale)
         # Every process takes part in the gather; only the chief writes.
-        samples = multihost_utils.process_allgather(samples, tiled=True)
-        grid = images_lib.make_grid(images_lib.to_uint8(samples))
+        samples = images_lib.to_uint8(multihost_utils.process_allgather(samples, tiled=True))
+        if grid_labels is None:
+          grid = images_lib.make_grid(samples)
+        else:  # One row per class.
+          grid = images_lib.class_grid(samples, grid_labels, max_columns=len(samples))
         if is_chief:
           images_lib.save_png(
             grid,

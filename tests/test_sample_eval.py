@@ -137,6 +137,19 @@ def test_grids_are_enlarged_to_a_readable_size():
   assert [images_lib.readable_upscale(n) for n in (16, 28, 32, 64, 256)] == [7, 4, 4, 2, 1]
 
 
+def test_class_grid_puts_one_class_on_each_row():
+  # Labels in turn, as class_labels('all') gives them: 0, 1, 2, 0, 1, 2, 0, 1.
+  labels = np.arange(8) % 3
+  images = (labels * 80 + 1).astype(np.uint8).reshape(8, 1, 1, 1) * np.ones((1, 2, 2, 1), np.uint8)
+  grid = images_lib.class_grid(images, labels, max_columns=8)
+  # Two images per row (the rarest class has two), 2 px tiles with 2 px padding.
+  assert grid.shape == (3 * 4 + 2, 2 * 4 + 2, 1)
+  for row, cls in enumerate(range(3)):
+    top = 2 + row * 4
+    assert (grid[top : top + 2, 2:4] == cls * 80 + 1).all()
+    assert (grid[top : top + 2, 6:8] == cls * 80 + 1).all()
+
+
 def test_rate_distortion_is_cumulative():
   terms = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
   prior = np.array([0.5, 0.5])
