@@ -15,7 +15,6 @@ import signal
 import time
 import types
 
-import numpy as np
 import pytest
 
 import gcs_harness as gh
@@ -38,21 +37,6 @@ def data_dirs(tmp_path_factory):
 
 
 TWO = dict(num_train_steps=4, checkpoint_every_steps=2, log_every_steps=1, sample_every_steps=4)
-
-
-def _as_two_processes(make_train_iterator):
-  """One process's stand-in for `make_train_iterator` that yields two processes' global batch."""
-
-  def make(config, *, start_step=0, process_index=None, process_count=None):
-    del process_index, process_count
-    streams = [
-      make_train_iterator(config, start_step=start_step, process_index=p, process_count=2)
-      for p in range(2)
-    ]
-    while True:
-      yield {'image': np.concatenate([next(s)['image'] for s in streams])}
-
-  return make
 
 
 def _launch(server, workdir, data_dirs, root, name):
@@ -101,7 +85,7 @@ def two(server, data_dirs, tmp_path_factory):
   reference = str(root / 'reference')
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(
-      input_pipeline, 'make_train_iterator', _as_two_processes(input_pipeline.make_train_iterator)
+      input_pipeline, 'make_train_iterator', th.as_two_processes(input_pipeline.make_train_iterator)
     )
     train.train_and_evaluate(config, reference)
   restarted = [th.finish(p, log) for p, log in restarted]

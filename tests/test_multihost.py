@@ -29,23 +29,6 @@ STEPS = dict(num_train_steps=40, checkpoint_every_steps=40, log_every_steps=1, s
 _GRACE_S = 30
 
 
-def _as_two_processes(make_train_iterator):
-  """One process's stand-in for `make_train_iterator` that yields two processes' global batch."""
-
-  def make(config, *, start_step=0, process_index=None, process_count=None):
-    del process_index, process_count
-    streams = [
-      make_train_iterator(config, start_step=start_step, process_index=p, process_count=2)
-      for p in range(2)
-    ]
-    while True:
-      # Process 0's examples fill the first half of the batch axis, as in
-      # jax.make_array_from_process_local_data over a mesh of both processes.
-      yield {'image': np.concatenate([next(s)['image'] for s in streams])}
-
-  return make
-
-
 def _launch_two(workdir, flags, log_prefix, **fault):
   """Runs both processes to their end: [(return code, output)] by process id."""
   port = th.free_port()
@@ -98,7 +81,7 @@ def runs(tmp_path_factory):
   )
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(
-      input_pipeline, 'make_train_iterator', _as_two_processes(input_pipeline.make_train_iterator)
+      input_pipeline, 'make_train_iterator', th.as_two_processes(input_pipeline.make_train_iterator)
     )
     train.train_and_evaluate(config, reference)
   return types.SimpleNamespace(

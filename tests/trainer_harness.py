@@ -214,3 +214,23 @@ def assert_states_close(a, b, *, atol: float) -> None:
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, train.METRICS_FILE)) as f:
     return [json.loads(line) for line in f]
+
+
+def as_two_processes(make_train_iterator):
+  """One process's stand-in for `make_train_iterator` that yields two processes' global batch.
+
+  Process 0's examples fill the first half of the batch axis, as in
+  jax.make_array_from_process_local_data over a mesh of both processes.
+  """
+
+  def make(config, *, start_step=0, process_index=None, process_count=None):
+    del process_index, process_count
+    streams = [
+      make_train_iterator(config, start_step=start_step, process_index=p, process_count=2)
+      for p in range(2)
+    ]
+    while True:
+      batches = [next(s) for s in streams]
+      yield {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+  return make
