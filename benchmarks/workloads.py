@@ -41,8 +41,11 @@ SCALING_WORKLOADS = ('jax_forward', 'torch_forward', 'jax_train', 'torch_train')
 
 
 def experiment_config(name: str, spec: Spec):
-  """configs/<name>.py in the run's dtype; for --quick, a U-Net of one 8x8 level with attention."""
+  """configs/<name>.py, unconditional, in the run's dtype; --quick: one 8x8 level with attention."""
   config = importlib.import_module(f'configs.{name}').get_config()
+  # The unconditional U-Net, which the peers build too (a class embedding adds one lookup).
+  config.model.num_classes = 0
+  config.sampling.guidance_scale = config.sampling.class_labels = None
   if spec['quick']:  # Every kind of layer, little to compile.
     config.data.image_size, config.model.ch, config.model.ch_mult = 8, 32, (1,)
     config.model.num_res_blocks, config.model.attn_resolutions = 1, (8,)
@@ -91,6 +94,8 @@ def diffusers_unet_kwargs(
     norm_num_groups=layers.NUM_GROUPS,
     act_fn='silu',
     dropout=float(model_config.dropout),
+    # A class-conditional U-Net: its classes and the null label, added to the time embedding.
+    num_class_embeds=int(model_config.num_classes) + 1 if model_config.num_classes else None,
   )
 
 

@@ -17,6 +17,12 @@ def get_config():
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (8,)
   config.model.dropout = 0.1
+  # Unconditional and the paper's objective; tests that need classes or other
+  # objectives set them.
+  config.model.num_classes = 0
+  config.diffusion.beta_schedule = 'linear'
+  config.diffusion.model_mean_type = 'eps'
+  config.diffusion.min_snr_gamma = 0.0
   config.diffusion.num_timesteps = 100
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 2
@@ -26,7 +32,10 @@ def get_config():
   config.training.checkpoint_every_steps = 2
   config.training.sample_every_steps = 6
   config.training.num_sample_images = 4
+  config.sampling.sampler = 'ddim'
   config.sampling.num_steps = 5
+  config.sampling.guidance_scale = None
+  config.sampling.class_labels = None
   config.sampling.grid_num_steps = 5
   config.sampling.num_samples = 8
   config.sampling.batch_size = 4

@@ -110,14 +110,18 @@ def test_a_conditional_model_is_sampled_with_labels():
   config_validation.validate(config, sample=True)
 
 
-def test_the_conditional_config_differs_only_in_conditioning():
-  from configs import fashion_mnist, fashion_mnist_cond  # pylint: disable=g-import-not-at-top
+def test_the_default_and_its_unconditional_twin_differ_only_in_conditioning():
+  from configs import fashion_mnist, fashion_mnist_uncond  # pylint: disable=g-import-not-at-top
 
-  cond, plain = fashion_mnist_cond.get_config(), fashion_mnist.get_config()
+  cond, plain = fashion_mnist.get_config(), fashion_mnist_uncond.get_config()
   config_validation.validate(cond, sample=True)
+  config_validation.validate(plain, sample=True)
   assert cond.model.num_classes == 10 and cond.sampling.class_labels == 'all'
-  for section in ('data', 'diffusion', 'optim', 'training'):
+  assert plain.model.num_classes == 0 and plain.sampling.guidance_scale is None
+  for section in ('data', 'diffusion', 'optim'):
     assert cond[section].to_dict() == plain[section].to_dict()
+  # The grid: one row of 8 per class, or 8 x 8 without classes.
+  assert (cond.training.num_sample_images, plain.training.num_sample_images) == (80, 64)
 
 
 def test_checkpoints_from_before_conditioning_resume_and_conditional_ones_need_their_config():
