@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import re
@@ -290,10 +291,8 @@ class Judge:
   def real(self, num_samples: int) -> dict:
     """The floor: FD of as many train images (independent of the reference), and how the
     classifier labels as many test images."""
-    train = input_pipeline.load_split_as_uint8(self.config, self.config.data.train_split)
-    test = input_pipeline.load_split_as_uint8(self.config, self.split)
-    floor = self.classify(train[:num_samples])
-    labelled = self.classify(test[:num_samples])
+    floor = self.classify(self._split(self.config.data.train_split)[:num_samples])
+    labelled = self.classify(self._split(self.split)[:num_samples])
     return {
       'fd': floor['fd'],
       'fd_spread': floor['fd_spread'],
@@ -303,6 +302,10 @@ class Judge:
       'labelled_images': self.split,
       'num_samples': num_samples,
     }
+
+  @functools.cache
+  def _split(self, split: str) -> np.ndarray:
+    return input_pipeline.load_split_as_uint8(self.config, split)
 
   def classify(self, samples: np.ndarray) -> dict:
     features, logits = self.extractor(samples)
