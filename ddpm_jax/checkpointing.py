@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from ddpm_jax import errors
 from ddpm_jax import files
@@ -250,7 +249,7 @@ class Checkpointer:
         files.as_path(source).rename(target)
         logging.error('Moved the unreadable checkpoint of step %d to %s.', step, target)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('ddpm_jax_checkpoint_set_aside')
+      sharding_lib.wait_for_all_processes('checkpoint_set_aside')
     self._manager.reload()
 
   def reached_preemption(self, step: int) -> bool:

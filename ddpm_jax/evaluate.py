@@ -25,7 +25,6 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
-from jax.experimental import multihost_utils
 
 from ddpm_jax import files
 from ddpm_jax import inference
@@ -115,7 +114,7 @@ def evaluate_bpd(
     placed = sharding_lib.host_to_global(local, mesh)
     out = bpd_fn(placed['image'], jax.random.fold_in(base_key, index), placed.get('label'))
     out['mask'] = np.asarray(batch['mask'])
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
+    return sharding_lib.gather_to_hosts(out, f'bpd_batch_{index}')
 
   def summary(out):
     return f'{np.sum(out["total_bpd"] * out["mask"]) / max(out["mask"].sum(), 1):.4f}'

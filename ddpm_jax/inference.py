@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
@@ -357,7 +356,7 @@ def generate_samples(
       images = sample_fn(im.ema_params, key, batch_labels, scale)
     else:
       images = sample_fn(im.ema_params, key)
-    return {'images': images_lib.to_uint8(multihost_utils.process_allgather(images, tiled=True))}
+    return {'images': images_lib.to_uint8(sharding_lib.gather_to_hosts(images, 'samples'))}
 
   batches = files.resumable_batches(
     out_dir, range(num_batches), num_batches, compute, what='Sampled'

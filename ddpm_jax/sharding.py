@@ -5,14 +5,21 @@ The train state is replicated and the batch is split along its first axis;
 8 TPU cores, or on a multi-host pod: only the mesh differs.
 """
 
+import itertools
 from typing import Any
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from orbax.checkpoint import multihost as orbax_multihost
 
 DATA_AXIS = 'data'
+# How long a process waits at a barrier for the slowest one (start-up, compiling).
+BARRIER_TIMEOUT_S = 1800
+# Every process passes the same barriers in the same order, so their counts agree.
+_barrier_count = itertools.count()
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -66,3 +73,25 @@ def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh, leading_ax
   return jax.tree.map(
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(local_batch)
   )
+
+
+def wait_for_all_processes(name: str) -> None:
+  """Blocks until every process reaches this barrier; a no-op with one process.
+
+  The barrier goes through JAX's coordination service, not a device
+  collective: CPU collectives (gloo) wait only 30 s for a late partner, while
+  processes drift further apart than that when one starts up or compiles more
+  slowly.
+  """
+  if jax.process_count() > 1:
+    key = f'ddpm_jax_{name}_{next(_barrier_count)}'
+    orbax_multihost.get_barrier_sync_fn()(key=key, timeout_ms=BARRIER_TIMEOUT_S * 1000)
+
+
+def gather_to_hosts(tree: Any, name: str) -> Any:
+  """Every process gets the whole of each (batch-sharded) array, as numpy.
+
+  Meets the other processes at a barrier first (see `wait_for_all_processes`).
+  """
+  wait_for_all_processes(name)
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)

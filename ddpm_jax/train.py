@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import metric_writers
-from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
@@ -361,6 +360,8 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
       batch = sharding_lib.host_to_global(_stack_batches(data, k), mesh, leading_axes=1)
       if not throughput.known:  # The call below reuses this compilation.
         throughput.measure(train_fn.lower(state, batch, seed_key).compile())
+        # The first gradient all-reduce waits for every process, compiled or not.
+        sharding_lib.wait_for_all_processes('first_train_step')
       state, metrics = train_fn(state, batch, seed_key)
       pending.append(metrics)
       step += k
@@ -383,7 +384,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
           scale = inference.guidance_scale_of(config)
           samples = sample_fn(state.ema_params, grid_key, grid_labels, scale)
         # Every process takes part in the gather; only the chief writes.
-        samples = images_lib.to_uint8(multihost_utils.process_allgather(samples, tiled=True))
+        samples = images_lib.to_uint8(sharding_lib.gather_to_hosts(samples, f'grid_{step}'))
         if grid_labels is None:
           grid = images_lib.make_grid(samples)
         else:  # One row per class.

@@ -65,7 +65,9 @@ def runs(tmp_path_factory):
   """Two processes' run, preempted at some step; then one process's run to that step."""
   root = tmp_path_factory.mktemp('multihost')
   data_dirs = th.make_data(str(root / 'data'))
-  # Process 1 gets SIGTERM while drawing the batch of step 2; process 0 gets nothing.
+  # Process 1 reaches the first step 40 s late, longer than the CPU collectives
+  # wait for a partner (30 s), and gets SIGTERM while drawing the batch of step
+  # 2; process 0 gets nothing.
   workdir = str(root / 'two_processes')
   results = _launch_two(
     workdir,
@@ -73,6 +75,7 @@ def runs(tmp_path_factory):
     str(root / 'process'),
     DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGTERM)}:2',
     DDPM_TEST_SIGNAL_PROCESS='1',
+    DDPM_TEST_LATE_PROCESS='1:40',
   )
   step = _preempted_step(results)
   reference = str(root / 'one_process')

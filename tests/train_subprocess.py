@@ -11,6 +11,9 @@ takes main.py's flags. Faults come from the environment (all optional):
   DDPM_TEST_WAIT_AT_STEP=STEP:PATH  when the batch of global step STEP is
       drawn, waits until the file PATH exists (a test orchestrates faults
       around a trainer paused at a known step).
+  DDPM_TEST_LATE_PROCESS=I:SECONDS  process I of a multi-process run sleeps
+      SECONDS before drawing its first batch: a partner that reaches the first
+      training step late, as a slower machine's would.
   DDPM_TEST_KILL_AT_COMMIT=STEP  SIGKILL while checkpoint STEP is committed:
       its files are complete and marked successful inside the temporary
       folder, but the rename that commits it has not happened.
@@ -86,6 +89,10 @@ def _install_faults() -> None:
   if 'DDPM_TEST_WAIT_AT_STEP' in env:
     step, path = env['DDPM_TEST_WAIT_AT_STEP'].split(':', 1)
     _wait_at_step(int(step), path)
+  if 'DDPM_TEST_LATE_PROCESS' in env:
+    late, seconds = env['DDPM_TEST_LATE_PROCESS'].split(':')
+    if late == env.get('JAX_PROCESS_ID', '0'):
+      _at_step(0, lambda: time.sleep(float(seconds)))
   if 'DDPM_TEST_KILL_AT_COMMIT' in env:
     _kill_at_commit(int(env['DDPM_TEST_KILL_AT_COMMIT']))
 
