@@ -140,9 +140,9 @@ VARIANTS = {
   'default': Variant('configs/fashion_mnist.py as it is', {}, as_configured=True),
   'default_g2': Variant('the default at guidance 2', {'sampling.guidance_scale': 2.0}, 'default'),
   'default_ddim50': Variant('the default with DDIM 50', {'sampling.sampler': 'ddim'}, 'default'),
-  'default_dpm20': Variant(
-    'the default with DPM-Solver++ (2) at 20 steps',
-    {'sampling.sampler': 'dpm_solver', 'sampling.num_steps': 20},
+  'default_respaced50': Variant(
+    'the default with 50 respaced ancestral steps',
+    {'sampling.sampler': 'respaced', 'sampling.num_steps': 50},
     'default',
   ),
 }

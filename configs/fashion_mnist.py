@@ -11,7 +11,8 @@ The recipe is what benchmarks/default_sweep.py measured best for a fixed
 wall-clock budget (docs/default_recipe.md): v-prediction with min-SNR-5 loss
 weighting on the cosine schedule, a learning rate of 2e-3, an EMA with
 warm-up, and class conditioning with 10% null labels, sampled with
-classifier-free guidance so that every class gets an equal share.
+classifier-free guidance so that every class gets an equal share, by
+DPM-Solver++ in 20 model calls.
 configs/fashion_mnist_uncond.py is the same without classes.
 """
 
@@ -51,8 +52,13 @@ def get_config():
   config.training.sample_every_steps = 500
   config.training.num_sample_images = 80  # One row of 8 per class.
 
-  config.sampling.sampler = 'respaced'
-  config.sampling.num_steps = 50
+  # On the trained default, 20 DPM-Solver++ calls beat 50 respaced ancestral steps
+  # (docs/default_recipe.md), for --mode=sample and for the grids.
+  config.sampling.sampler = 'dpm_solver'
+  config.sampling.num_steps = 20
+  config.sampling.solver_order = 2
+  config.sampling.grid_sampler = 'dpm_solver'
+  config.sampling.grid_num_steps = 20
   config.sampling.guidance_scale = 3.0
   config.sampling.class_labels = 'all'
   config.sampling.num_samples = 1000
