@@ -248,8 +248,7 @@ class Checkpointer:
         target = f'{source}.unreadable-{stamp}'
         files.as_path(source).rename(target)
         logging.error('Moved the unreadable checkpoint of step %d to %s.', step, target)
-    if jax.process_count() > 1:
-      sharding_lib.wait_for_all_processes('checkpoint_set_aside')
+    sharding_lib.wait_for_all_processes('checkpoint_set_aside')
     self._manager.reload()
 
   def reached_preemption(self, step: int) -> bool:

@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from ddpm_jax import errors
+from ddpm_jax import sharding as sharding_lib
 
 PathLike = str | os.PathLike
 StorageError = errors.StorageError
@@ -290,7 +290,7 @@ def resumable_batches(
       rate,
       (num_batches - index - 1) / max(rate, 1e-9),
     )
-  multihost_utils.sync_global_devices(f'ddpm_jax batches written: {out_dir}')
+  sharding_lib.wait_for_all_processes('batches_written')
   return [load_npz(path) for path in paths]
 
 
