@@ -59,10 +59,14 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.vlb_weight = 0.001  # lambda of the hybrid loss.
   diffusion.min_snr_gamma = 0.0  # > 0 weights the MSE by min-SNR-gamma; 0 = off.
 
-  # Optimizer (Adam with linear warm-up, global-norm clipping) and EMA.
+  # Optimizer (Adam with linear warm-up, optional cosine decay, global-norm clipping) and EMA.
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4
   optim.warmup_steps = 5000
+  # > 0: after the warm-up, cosine decay to final_lr_fraction * learning_rate at this step
+  # (set it to training.num_train_steps); 0 = constant, as the paper.
+  optim.decay_steps = 0
+  optim.final_lr_fraction = 0.0
   optim.grad_clip = 1.0  # Global-norm clipping; 0 = off.
   optim.beta1 = 0.9
   optim.beta2 = 0.999

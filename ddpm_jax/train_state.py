@@ -37,7 +37,7 @@ class TrainState(train_state.TrainState):
 
 
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """Adam with linear warm-up to a constant rate and global-norm clipping.
+  """Adam with `learning_rate_schedule` and global-norm clipping.
 
   `kernels.adam.clipped_adam`: optax's chain of `clip_by_global_norm` and
   `adam`, with that chain's state, so checkpoints restore with either.
@@ -52,10 +52,24 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-  """lr * min(step / warmup_steps, 1), the original's warm-up."""
-  if optim.warmup_steps <= 0:
-    return optax.constant_schedule(optim.learning_rate)
-  return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+  """lr * min(step / warmup_steps, 1), the original's warm-up, then an optional cosine decay.
+
+  With `optim.decay_steps` > 0 the rate falls from `learning_rate` at the end of
+  the warm-up to `final_lr_fraction * learning_rate` at step `decay_steps`
+  (half a cosine), and stays there: short runs end on a settled model.
+  """
+  warmup_steps = max(optim.warmup_steps, 0)
+  if warmup_steps:
+    warmup = optax.linear_schedule(0.0, optim.learning_rate, warmup_steps)
+  else:
+    warmup = optax.constant_schedule(optim.learning_rate)
+  decay_steps = optim.get('decay_steps', 0)
+  if decay_steps <= 0:
+    return warmup
+  decay = optax.cosine_decay_schedule(
+    optim.learning_rate, decay_steps - warmup_steps, alpha=optim.get('final_lr_fraction', 0.0)
+  )
+  return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def ema_decay_at(step: Array, optim: ml_collections.ConfigDict) -> Array:

@@ -53,6 +53,12 @@ def test_solver_steps_must_fit_the_process():
   assert "Sampler 'unipc' needs 1 <= num_steps <= 100, got 0." in message
 
 
+def test_the_learning_rate_decay_must_end_after_the_warm_up():
+  message = _problems(optim__warmup_steps=100, optim__decay_steps=100, optim__final_lr_fraction=2)
+  assert 'optim.decay_steps=100 must exceed optim.warmup_steps=100' in message
+  assert 'optim.final_lr_fraction must be in [0, 1], got 2.' in message
+
+
 def test_errors_are_one_family_under_every_name():
   assert config_validation.ConfigError is errors.ConfigError
   assert checkpointing.CheckpointError is errors.CheckpointError

@@ -129,3 +129,26 @@ def test_optimizer_has_optax_chains_state_and_computes_a_missing_norm(grad_clip)
   state = ours.init(params)
   given = ours.update(grads, state, params, grad_norm=optax.tree.norm(grads))
   jax.tree.map(np.testing.assert_array_equal, given, ours.update(grads, state, params))
+
+
+@pytest.mark.parametrize('warmup_steps', [0, 10])
+def test_learning_rate_warms_up_then_follows_half_a_cosine_to_its_floor(warmup_steps):
+  optim = _optim(1.0, warmup_steps=warmup_steps)
+  optim.decay_steps, optim.final_lr_fraction = 110, 0.1
+  schedule = ts.learning_rate_schedule(optim)
+  lr, floor = optim.learning_rate, 0.1 * optim.learning_rate
+  for step in range(0, 130, 7):
+    if step < warmup_steps:
+      expected = lr * step / warmup_steps
+    else:
+      progress = min((step - warmup_steps) / (110 - warmup_steps), 1.0)
+      expected = floor + (lr - floor) * 0.5 * (1.0 + np.cos(np.pi * progress))
+    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-12)
+  assert float(schedule(10_000)) == pytest.approx(floor)
+
+
+def test_without_decay_steps_the_rate_stays_at_its_peak():
+  optim = _optim(1.0, warmup_steps=4)
+  optim.decay_steps = 0
+  schedule = ts.learning_rate_schedule(optim)
+  assert [float(schedule(s)) for s in (0, 2, 4, 10_000)] == pytest.approx([0.0, 1e-4, 2e-4, 2e-4])
