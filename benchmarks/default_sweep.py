@@ -150,7 +150,7 @@ VARIANTS = {
   'recipe': Variant('configs/fashion_mnist.py, trained for the budget', {}),
   'recipe_lr4e-3': Variant('learning rate 4e-3', {'optim.learning_rate': 4e-3}),
   'recipe_batch32': Variant('batch 32', {'training.batch_size': 32}),
-  # Garments and shoes have a side: Fashion-MNIST's shoes all point left.
+  # Fashion-MNIST is not mirror-symmetric: its shoes all point the same way.
   'recipe_noflip': Variant('no random flips', {'data.random_flip': False}),
   # Decays over the 547 steps that recipe reached in 5 minutes (Intel Xeon, 3 December 2026).
   'recipe_decay': Variant(

@@ -146,13 +146,12 @@ def validate(
     )
 
   _positive(problems, 'optim.learning_rate', optim.learning_rate)
-  decay_steps = optim.get('decay_steps', 0)
-  if decay_steps and decay_steps <= max(optim.warmup_steps, 0):
+  if optim.decay_steps and optim.decay_steps <= max(optim.warmup_steps, 0):
     problems.append(
-      f'optim.decay_steps={decay_steps} must exceed optim.warmup_steps={optim.warmup_steps} '
+      f'optim.decay_steps={optim.decay_steps} must exceed optim.warmup_steps={optim.warmup_steps} '
       '(the decay starts when the warm-up ends), or be 0 for a constant rate.'
     )
-  if not 0.0 <= optim.get('final_lr_fraction', 0.0) <= 1.0:
+  if not 0.0 <= optim.final_lr_fraction <= 1.0:
     problems.append(f'optim.final_lr_fraction must be in [0, 1], got {optim.final_lr_fraction}.')
   if not 0.0 <= optim.ema_decay < 1.0:
     problems.append(f'optim.ema_decay must be in [0, 1), got {optim.ema_decay}.')

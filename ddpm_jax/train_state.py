@@ -63,11 +63,10 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
     warmup = optax.linear_schedule(0.0, optim.learning_rate, warmup_steps)
   else:
     warmup = optax.constant_schedule(optim.learning_rate)
-  decay_steps = optim.get('decay_steps', 0)
-  if decay_steps <= 0:
+  if optim.decay_steps <= 0:
     return warmup
   decay = optax.cosine_decay_schedule(
-    optim.learning_rate, decay_steps - warmup_steps, alpha=optim.get('final_lr_fraction', 0.0)
+    optim.learning_rate, optim.decay_steps - warmup_steps, alpha=optim.final_lr_fraction
   )
   return optax.join_schedules([warmup, decay], [warmup_steps])
 

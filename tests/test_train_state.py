@@ -16,6 +16,8 @@ def _optim(grad_clip, warmup_steps=3, ema_warmup=False):
     dict(
       learning_rate=2e-4,
       warmup_steps=warmup_steps,
+      decay_steps=0,
+      final_lr_fraction=0.0,
       beta1=0.9,
       beta2=0.999,
       eps=1e-8,
