@@ -298,7 +298,7 @@ class Judge:
       config, types.SimpleNamespace(mesh=mesh), self.eval_dir
     )
     self.ref_mu, self.ref_sigma = evaluate.reference_statistics(
-      config, self.split, self.extractor, self.eval_dir, config.eval.feature_extractor
+      config, self.split, self.extractor, self.eval_dir, self.features_meta['features_id']
     )
 
   def real(self, num_samples: int) -> dict:

@@ -216,7 +216,7 @@ def run(config, workdir: str, rows: list[str], num_samples: int, resamples: int,
   metric, extractor, meta = evaluate.feature_extractor(config, im, eval_dir)
   split = config.data.eval_split
   ref_mu, ref_sigma = evaluate.reference_statistics(
-    config, split, extractor, eval_dir, config.eval.feature_extractor
+    config, split, extractor, eval_dir, meta['features_id']
   )
   real = input_pipeline.load_split_as_uint8(config, config.data.train_split, limit=num_samples)
   floor, floor_spread = fd_with_spread(

@@ -122,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.feature_extractor = 'inception'  # 'inception' | 'domain'.
   evaluation.inception_weights = config_dict.placeholder(str)  # Local pytorch-fid .pth file.
   evaluation.domain_classifier_steps = 2000  # Training steps of the 'domain' feature extractor.
+  # The 'domain' classifier's own augmentation, apart from data.random_flip so that the judge
+  # stays the same whatever the diffusion model trains with; off for data whose classes change
+  # under a mirror (digits, text).
+  evaluation.domain_classifier_random_flip = True
   # Class-conditional models only: the guidance scales of the FD / class-accuracy sweep;
   # () = only sampling.guidance_scale.
   evaluation.guidance_scales = ()

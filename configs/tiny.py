@@ -12,6 +12,7 @@ def get_config():
   config.data.image_size = 16
   config.data.resize_method = 'resize'
   config.data.shuffle_buffer = 64
+  config.data.random_flip = True  # Keeps the flip path (and its resumable RNG) under test.
   config.model.ch = 32
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1

@@ -209,7 +209,7 @@ def _domain_classifier(
     labels,
     steps=config.eval.domain_classifier_steps,
     batch_size=min(128, len(images)),
-    random_flip=config.data.random_flip,
+    random_flip=config.eval.domain_classifier_random_flip,
     eval_images=test_images,
     eval_labels=test_labels,
   )
@@ -229,6 +229,9 @@ def feature_extractor(
     meta = {
       'feature_extractor': 'domain classifier (penultimate, 256-d)',
       'classifier_test_accuracy': info.get('accuracy'),
+      'classifier_random_flip': info['random_flip'],
+      # One classifier's reference statistics never serve another (new data or settings).
+      'features_id': os.path.splitext(os.path.basename(info['path']))[0],
       'comparable_with_inception_fid': False,
     }
     return domain_classifier.FD_LABEL, extractor, meta
@@ -239,13 +242,18 @@ def feature_extractor(
     'feature_extractor': 'Inception-v3 pool3 (pytorch-fid weights)',
     'resize': extractor.resize_description,
     'comparable_with_inception_fid': True,
+    'features_id': 'inception',
   }
   return 'FID', extractor, meta
 
 
-def reference_statistics(config, split, extractor, eval_dir, tag):
-  """(mu, sigma) of the split's features, cached in `eval_dir` as reference_<tag>_<split>.npz."""
-  path = os.path.join(eval_dir, f'reference_{tag}_{split}.npz')
+def reference_statistics(config, split, extractor, eval_dir, features_id):
+  """(mu, sigma) of the split's features, cached in `eval_dir`.
+
+  The file is reference_<features_id>_<split>.npz, with features_id from `feature_extractor`'s
+  metadata, so a retrained classifier never reads another's statistics.
+  """
+  path = os.path.join(eval_dir, f'reference_{features_id}_{split}.npz')
   if files.exists(path):
     return frechet.load_statistics(path)
   images = input_pipeline.load_split_as_uint8(config, split)
@@ -268,7 +276,6 @@ def evaluate_sample_quality(
   )
   features, logits = extractor(samples)
   mu, sigma = frechet.feature_statistics(features)
-  tag = config.eval.feature_extractor
   results: dict[str, Any] = dict(
     meta,
     metric=label,
@@ -277,7 +284,9 @@ def evaluate_sample_quality(
     quantization='uint8, round((x + 1) * 127.5)',
   )
   for split in (config.data.train_split, config.data.eval_split):
-    ref_mu, ref_sigma = reference_statistics(config, split, extractor, eval_dir, tag)
+    ref_mu, ref_sigma = reference_statistics(
+      config, split, extractor, eval_dir, meta['features_id']
+    )
     results[f'fd_vs_{split}'] = float(frechet.frechet_distance(mu, sigma, ref_mu, ref_sigma))
   train_images = input_pipeline.load_split_as_uint8(
     config, config.data.train_split, limit=len(samples)
@@ -293,8 +302,8 @@ def evaluate_sample_quality(
   )
   results['kid_vs_train'], results['kid_vs_train_std'] = float(kid_mean), float(kid_std)
   score_mean, score_std = frechet.inception_score(logits, num_splits=min(10, len(logits)))
-  results['classifier_score' if tag == 'domain' else 'inception_score'] = float(score_mean)
-  results['classifier_score_std' if tag == 'domain' else 'inception_score_std'] = float(score_std)
+  score = 'classifier_score' if config.eval.feature_extractor == 'domain' else 'inception_score'
+  results[score], results[f'{score}_std'] = float(score_mean), float(score_std)
   return results
 
 
@@ -321,15 +330,14 @@ def evaluate_guidance_sweep(
     class_accuracy), 'num_samples' and 'plot_png'.
   """
   eval_dir = os.path.join(files.absolute(workdir), 'eval')
-  label, extractor, _ = feature_extractor(config, im, eval_dir)
+  label, extractor, meta = feature_extractor(config, im, eval_dir)
   # Accuracy is the domain classifier's whatever features the FD uses (cached after one training).
   classifier, info = _domain_classifier(config, im, eval_dir)
   scales = tuple(config.eval.guidance_scales) or (inference.guidance_scale_of(config),)
   num_samples = config.eval.num_fid_samples
   labels = inference.class_labels(config, num_samples)
-  tag = config.eval.feature_extractor
   references = {
-    split: reference_statistics(config, split, extractor, eval_dir, tag)
+    split: reference_statistics(config, split, extractor, eval_dir, meta['features_id'])
     for split in (config.data.train_split, config.data.eval_split)
   }
   rows = []

@@ -106,6 +106,9 @@ def test_sample_figures(trained, tmp_path):
 def test_eval_reports_bound_and_quality_and_resumes(trained, tmp_path):
   config, workdir = trained
   workdir = _copy_workdir(workdir, tmp_path)
+  config = config.copy_and_resolve_references()
+  # The judge's augmentation is its own, whatever the diffusion model trained with.
+  config.eval.domain_classifier_random_flip = not config.data.random_flip
   results = evaluate.evaluate(config, workdir)
   bpd = results['bpd']
   assert bpd['num_examples'] == config.eval.num_bpd_examples
@@ -119,6 +122,7 @@ def test_eval_reports_bound_and_quality_and_resumes(trained, tmp_path):
   assert os.path.exists(bpd['rate_distortion_png'])
   quality = results['sample_quality']
   assert quality['comparable_with_inception_fid'] is False
+  assert quality['classifier_random_flip'] is config.eval.domain_classifier_random_flip
   assert quality['fd_vs_train'] > 0 and np.isfinite(quality['kid_vs_train'])
   saved = json.load(open(os.path.join(workdir, 'eval', f'step_{results["step"]}.json')))
   assert saved['bpd']['total_bpd'] == bpd['total_bpd']
@@ -131,6 +135,16 @@ def test_eval_reports_bound_and_quality_and_resumes(trained, tmp_path):
   assert again['bpd'] == bpd
   assert again['sample_quality']['fd_vs_train'] == quality['fd_vs_train']
   assert os.stat(first).st_mtime_ns == mtime
+
+  # A classifier trained with other settings gets its own reference statistics.
+  config.eval.domain_classifier_random_flip = not config.eval.domain_classifier_random_flip
+  other = evaluate.evaluate(config, workdir)['sample_quality']
+  assert other['features_id'] != quality['features_id']
+  means = [
+    np.load(os.path.join(workdir, 'eval', f'reference_{q["features_id"]}_test.npz'))['mu']
+    for q in (quality, other)
+  ]
+  assert not np.allclose(*means)
 
 
 def test_grids_are_enlarged_to_a_readable_size():

@@ -168,8 +168,7 @@ def train_domain_classifier(
     seed: seeds the initialisation and the shuffling.
     learning_rate: peak AdamW learning rate (cosine-decayed to 0).
     random_flip: flip a random half of each batch left to right (for data
-      whose classes keep under a flip, as the diffusion model's
-      `data.random_flip` declares).
+      whose classes keep under a mirror; `eval.domain_classifier_random_flip`).
     num_classes: defaults to max(labels) + 1.
     eval_images: optional [M, H, W, C] uint8 held-out images.
     eval_labels: optional [M] labels for `eval_images`.
