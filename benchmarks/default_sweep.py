@@ -142,7 +142,6 @@ VARIANTS = {
     "today's default as configured: 1000 steps, DDIM 50", TODAY, as_configured=True
   ),
   'default': Variant('configs/fashion_mnist.py as it is', {}, as_configured=True),
-  'default_g2': Variant('the default at guidance 2', {'sampling.guidance_scale': 2.0}, 'default'),
   'default_g1.5': Variant(
     'the default at guidance 1.5', {'sampling.guidance_scale': 1.5}, 'default'
   ),
