@@ -5,7 +5,7 @@ the project's TFDS builder `fashion_mnist_local`, at its native 28x28 (the
 3-level U-Net goes 28 -> 14 -> 7). The U-Net keeps the paper's design (res
 blocks, attention at the lowest resolution, timestep embedding) at width 32
 and one res block per level, plus a class embedding: 1.1M parameters, about
-0.55 to 0.65 s per step of 64 images on 2 CPU cores.
+0.5 to 0.65 s per step of 64 images on 2 CPU cores.
 
 The recipe is what benchmarks/default_sweep.py measured best for a fixed
 wall-clock budget (docs/default_recipe.md): v-prediction with min-SNR-5 loss
