@@ -1,4 +1,4 @@
-"""benchmarks/default_sweep.py on the tiny config: a budgeted run stopped by SIGTERM, judged, resumed."""
+"""experiments/default_sweep.py on the tiny config: a run stopped by SIGTERM, judged, resumed."""
 
 import importlib.util
 import json
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks import default_sweep
+from experiments import default_sweep
 from trainer_harness import make_data
 from trainer_harness import tiny_config
 

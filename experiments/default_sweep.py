@@ -1,6 +1,6 @@
 """The embedded default's recipe sweep: every variant gets the same wall clock and the same judge.
 
-    python benchmarks/default_sweep.py --out=runs/default_sweep --budget_minutes=5 \
+    python experiments/default_sweep.py --out=runs/default_sweep --budget_minutes=5 \
         [--variants=today,lr2e-3,...] [--num_samples=1000] [--curve_minutes=2.5,5,10]
 
 A variant is configs/fashion_mnist.py with a few fields overridden (VARIANTS
