@@ -87,17 +87,27 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every_steps = 20_000  # 0 = never.
   training.num_sample_images = 64  # Images in each periodic sample grid.
   training.max_consecutive_nonfinite = 10  # Skipped non-finite steps in a row before stopping.
-  # Peak TFLOP/s of one device for the logged MFU; 0 = from the table in ddpm_jax/platform.py.
+  # Peak TFLOP/s of one device for the logged MFU; 0 = from the table in ddpm_jax/throughput.py.
   training.peak_tflops = 0.0
 
   # Sampling (--mode=sample and the periodic grids).
   config.sampling = sampling = ml_collections.ConfigDict()
-  # 'ddpm' (ancestral, T steps) | 'respaced' | 'ddim' | 'dpm_solver' | 'unipc' (ODE solvers).
+  # A name of ddpm_jax/sampler_table.py's table: 'ddpm' (ancestral, T steps) | 'respaced' |
+  # 'ddim' | 'pc' (predictor-corrector) | 'dpm_solver' | 'unipc' (ODE solvers).
   sampling.sampler = 'ddpm'
-  sampling.num_steps = 100  # Model calls of every sampler but 'ddpm'.
+  sampling.num_steps = 100  # Model calls of 'respaced', 'ddim' and the ODE solvers.
   sampling.solver_order = 2  # Order of 'dpm_solver' and 'unipc': 1, 2 or 3.
+  # The ODE solvers' end: 'zero' denoises to x_0 in the last step (diffusers' default); 'min'
+  # stops at timestep 0's noise level and returns x there (DPM-Solver's own code).
+  sampling.solver_final_sigma = 'zero'
+  # The ODE solvers: Imagen's dynamic thresholding of the predicted x_0 at this quantile
+  # (e.g. 0.995), which keeps strongly guided samples in range; None = off.
+  sampling.dynamic_threshold = config_dict.placeholder(float)
   sampling.ddim_eta = 0.0
   sampling.ddim_skip = 'uniform'  # 'uniform' | 'quad'.
+  # 'pc': Langevin corrector steps before each ancestral step, and their signal-to-noise ratio.
+  sampling.pc_corrector_steps = 1
+  sampling.pc_snr = 0.16
   sampling.clip_denoised = True
   sampling.num_samples = 50_000
   sampling.batch_size = 256
@@ -107,11 +117,11 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.grid_num_steps = 50
   sampling.figures = True  # --mode=sample also draws the progressive and interpolation figures.
   # Class-conditional models only (model.num_classes > 0). The guidance scale s of
-  # eps_u + s (eps_c - eps_u): 0 = unconditional, 1 = conditional (None means 1); diffusers'
+  # eps_u + s (eps_c - eps_u): 0 = unconditional, 1 = conditional (unset: 1); diffusers'
   # guidance_scale, Ho & Salimans' w + 1.
   sampling.guidance_scale = config_dict.placeholder(float)
   # Labels of the samples: 'all' (every class in turn, equal counts when the number of samples
-  # divides by num_classes) or class indices '3' or '0,3,7' (repeated in turn).
+  # divides by num_classes; unset: 'all') or class indices '3' or '0,3,7' (repeated in turn).
   sampling.class_labels = config_dict.placeholder(str)
 
   # Evaluation (--mode=eval).

@@ -230,33 +230,6 @@ def initialize(
   files.makedirs(workdir)
 
 
-# Dense bf16 peak TFLOP/s of one device (a TPU chip, a GPU), from the vendors'
-# data sheets: the usual denominator of MFU. Keys are lower-case fragments of
-# `jax.Device.device_kind`, most specific first.
-PEAK_TFLOPS = (
-  ('v5 lite', 197.0),  # TPU v5e
-  ('v5e', 197.0),
-  ('v5p', 459.0),
-  ('v5', 459.0),  # TPU v5p reports 'TPU v5'
-  ('v6 lite', 918.0),  # TPU v6e (Trillium)
-  ('v6e', 918.0),
-  ('v4', 275.0),
-  ('h200', 989.0),
-  ('h100 pcie', 756.0),
-  ('h100', 989.0),  # SXM
-  ('a100', 312.0),
-)
-
-
-def peak_tflops(device_kind: str) -> float | None:
-  """The dense bf16 peak TFLOP/s of a device kind, or None when it is not in `PEAK_TFLOPS`."""
-  kind = device_kind.lower()
-  for fragment, tflops in PEAK_TFLOPS:
-    if fragment in kind:
-      return tflops
-  return None
-
-
 def _env_int(name: str) -> int | None:
   value = os.environ.get(name)
   if value in (None, ''):

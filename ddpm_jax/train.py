@@ -40,12 +40,13 @@ from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import errors
 from ddpm_jax import files
+from ddpm_jax import gcs
 from ddpm_jax import images as images_lib
 from ddpm_jax import inference
 from ddpm_jax import input_pipeline
-from ddpm_jax import platform
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import streams
+from ddpm_jax import throughput as throughput_lib
 from ddpm_jax import train_state as train_state_lib
 
 METRICS_FILE = 'metrics.jsonl'
@@ -64,7 +65,7 @@ def workdir_lock(workdir: str):
   """Holds an exclusive lock on the workdir; a second trainer is refused.
 
   Locally the lock is an flock, so it goes away with the process however
-  that ends. On object storage it is a lease (`files.ObjectLease`): an
+  that ends. On object storage it is a lease (`gcs.Lease`): an
   object created only if absent and renewed by a heartbeat; a crashed
   trainer's lease is taken over once it has not been renewed for
   $DDPM_JAX_LEASE_SECONDS (default 60).
@@ -77,8 +78,8 @@ def workdir_lock(workdir: str):
   if files.is_url(workdir):
     seconds = float(os.environ.get(LEASE_SECONDS_ENV, DEFAULT_LEASE_SECONDS))
     try:
-      lease = files.ObjectLease(path, seconds=seconds)
-    except files.LeaseHeld as e:
+      lease = gcs.Lease(path, seconds=seconds)
+    except gcs.LeaseHeld as e:
       raise TrainingError(
         f'{workdir} is in use by another trainer ({e}); stop it first or use another --workdir.'
       ) from None
@@ -227,7 +228,7 @@ def train_and_evaluate(
     config_validation.ConfigError: the config cannot work (nothing was done).
     TrainingError: the workdir is in use, its checkpoint has another model
       or process, or training diverged.
-    files.StorageError: the workdir's bucket is missing or forbidden.
+    gcs.StorageError: the workdir's bucket is missing or forbidden.
     checkpointing.CheckpointError: no checkpoint could be restored, or a
       save failed.
   """
@@ -235,7 +236,7 @@ def train_and_evaluate(
   config_validation.validate(config, num_devices=mesh.devices.size)
   workdir = files.absolute(workdir)
   # A missing or forbidden bucket fails here, naming it, before any work.
-  files.check_storage(workdir)
+  gcs.check_bucket(workdir)
   is_chief = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
     check_lock = lambda: None
@@ -313,11 +314,8 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
   sample_fn = None
   grid_labels = None
   if config.model.num_classes > 0:
-    # Every class in turn (or the configured ones), so the grids show each class improving.
-    grid_config = config.copy_and_resolve_references()
-    if grid_config.sampling.class_labels is None:
-      grid_config.sampling.class_labels = 'all'
-    grid_labels = inference.class_labels(grid_config, tc.num_sample_images)
+    # The configured classes in turn (every class unless set), so the grids show each improving.
+    grid_labels = inference.class_labels(config, tc.num_sample_images)
   if tc.sample_every_steps > 0:
     sample_fn = inference.make_sample_fn(
       model,
@@ -341,7 +339,13 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
   if start_step == 0:
     writer.write_hparams(_flatten(json.loads(config_json)))
 
-  throughput = _Throughput(tc, mesh.devices.flat[0])
+  throughput = throughput_lib.for_training(
+    config,
+    image_shape,
+    model.out_ch,
+    device_kind=mesh.devices.flat[0].device_kind,
+    num_devices=mesh.devices.size,
+  )
   last_step = tc.num_train_steps
   step = start_step
   pending: list[dict[str, jax.Array]] = []  # Per-step metrics, on device until a log step.
@@ -358,8 +362,8 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
   try:
     while step < last_step:
       batch = sharding_lib.host_to_global(_stack_batches(data, k), mesh, leading_axes=1)
-      if not throughput.known:  # The call below reuses this compilation.
-        throughput.measure(train_fn.lower(state, batch, seed_key).compile())
+      if step == start_step:  # The call below reuses this compilation.
+        train_fn.lower(state, batch, seed_key).compile()
         # The first gradient all-reduce waits for every process, compiled or not.
         sharding_lib.wait_for_all_processes('first_train_step')
       state, metrics = train_fn(state, batch, seed_key)
@@ -381,8 +385,9 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
         if grid_labels is None:
           samples = sample_fn(state.ema_params, grid_key)
         else:
-          scale = inference.guidance_scale_of(config)
-          samples = sample_fn(state.ema_params, grid_key, grid_labels, scale)
+          samples = sample_fn(
+            state.ema_params, grid_key, grid_labels, config.sampling.guidance_scale
+          )
         # Every process takes part in the gather; only the chief writes.
         samples = images_lib.to_uint8(sharding_lib.gather_to_hosts(samples, f'grid_{step}'))
         if grid_labels is None:
@@ -478,53 +483,6 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       flat[f'{prefix}{key}'] = value if isinstance(value, (int, float, str, bool)) else str(value)
   return flat
-
-
-class _Throughput:
-  """Images/s, model TFLOP/s per device and MFU, from the compiled step's cost analysis.
-
-  The FLOPs are XLA's count for the compiled (partitioned) training call on
-  one device, so they include the backward pass and the optimizer. MFU is
-  that rate over the device's peak (`training.peak_tflops`, else
-  `platform.PEAK_TFLOPS`), and is left out, with the reason logged once,
-  where the peak is unknown (CPU, an unlisted accelerator).
-  """
-
-  def __init__(self, tc: ml_collections.ConfigDict, device: jax.Device):
-    self._tc = tc
-    self._flops_per_step: float | None = None
-    self.peak = tc.peak_tflops or platform.peak_tflops(device.device_kind)
-    if self.peak is None:
-      logging.info(
-        'MFU is left out of the logs: no peak FLOP/s is known for device kind %r '
-        '(set training.peak_tflops to give one).',
-        device.device_kind,
-      )
-
-  @property
-  def known(self) -> bool:
-    return self._flops_per_step is not None
-
-  def measure(self, compiled: Any) -> None:
-    """Reads the FLOPs of one call from a `jax.stages.Compiled`."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
-      analysis = analysis[0] if analysis else {}
-    flops = (analysis or {}).get('flops')
-    if flops and flops > 0:
-      self._flops_per_step = float(flops) / self._tc.steps_per_call
-    else:
-      self._flops_per_step = 0.0
-      logging.info('XLA gave no FLOP count for the training step: TFLOP/s and MFU left out.')
-
-  def metrics(self, steps_per_sec: float) -> dict[str, float]:
-    found = {'images_per_sec': steps_per_sec * self._tc.batch_size}
-    if self._flops_per_step:
-      tflops = self._flops_per_step * steps_per_sec / 1e12
-      found['tflops_per_device'] = tflops
-      if self.peak:
-        found['mfu'] = tflops / self.peak
-    return found
 
 
 def _format_seconds(seconds: float) -> str:

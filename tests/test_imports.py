@@ -18,13 +18,16 @@ PACKAGE = 'ddpm_jax'
 RANKS = [
   # Leaves: no project imports beyond each other's rank.
   {'errors'},
-  {'sharding'},
+  {'sharding', 'gcs'},
   {'files', 'streams', 'schedules'},
-  {'images', 'platform'},
+  {'images', 'platform', 'throughput'},
   {'diffusion'},
   {'likelihood'},
   {'losses'},
+  {'chain'},
+  {'guidance', 'solvers'},
   {'sampling'},
+  {'sampler_table'},
   # Networks, their kernels, data and metrics know nothing of diffusion.
   {'kernels'},
   {'models'},

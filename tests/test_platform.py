@@ -170,24 +170,3 @@ def test_this_jaxlib_accepts_the_flags():
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[0] == '3.0'
   assert all(flag in proc.stdout.split() for flag in platform.XLA_CPU_FLAGS)
-
-
-@pytest.mark.parametrize(
-  'device_kind, tflops',
-  [
-    ('TPU v4', 275.0),
-    ('TPU v5 lite', 197.0),
-    ('TPU v5e', 197.0),
-    ('TPU v5', 459.0),
-    ('TPU v5p', 459.0),
-    ('TPU v6 lite', 918.0),
-    ('NVIDIA A100-SXM4-80GB', 312.0),
-    ('NVIDIA H100 80GB HBM3', 989.0),
-    ('NVIDIA H100 PCIe', 756.0),
-    ('NVIDIA H200', 989.0),
-    ('cpu', None),
-    ('NVIDIA GeForce RTX 4090', None),
-  ],
-)
-def test_peak_tflops_of_known_accelerators_and_none_elsewhere(device_kind, tflops):
-  assert platform.peak_tflops(device_kind) == tflops
