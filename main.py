@@ -29,9 +29,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported after flag parsing, so `--help` answers without starting JAX or TF.
   # pylint: disable=g-import-not-at-top
-  from ddpm_jax import platform
+  from ddpm_jax import runtime
 
-  platform.setup(_WORKDIR.value)  # May re-execute this process once (huge pages).
+  runtime.setup(_WORKDIR.value)  # May re-execute this process once (huge pages).
   config = _CONFIG.value
   logging.info('Config:\n%s', config)
   if _MODE.value == 'train':

@@ -26,9 +26,9 @@ from absl import flags
 # The repository root, for `ddpm_jax` and `configs` when run as a script.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_jax import platform  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import runtime  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-platform.configure_xla_flags()
+runtime.configure_xla_flags()
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -108,10 +108,10 @@ def versions() -> dict[str, str]:
 
 def worker_environment(quick: bool) -> dict[str, str]:
   """main.py's process environment (huge-page malloc where it helps) for both frameworks."""
-  from ddpm_jax import platform  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import runtime  # pylint: disable=g-import-not-at-top
 
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONWARNINGS='ignore')
-  env = platform.environment_with_huge_pages(env) or env
+  env = runtime.environment_with_huge_pages(env) or env
   if quick:
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + QUICK_XLA_FLAGS).strip()
   return env

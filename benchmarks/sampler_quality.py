@@ -43,7 +43,7 @@ from ddpm_jax import files  # noqa: E402
 from ddpm_jax import images as images_lib  # noqa: E402
 from ddpm_jax import inference  # noqa: E402
 from ddpm_jax import input_pipeline  # noqa: E402
-from ddpm_jax import platform  # noqa: E402
+from ddpm_jax import runtime  # noqa: E402
 from ddpm_jax import streams  # noqa: E402
 from ddpm_jax.metrics import frechet  # noqa: E402
 
@@ -277,7 +277,7 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f'Unknown rows {unknown}; valid: {", ".join(ROW_BY_NAME)}.')
   config, workdir, num_samples = _CONFIG.value, _WORKDIR.value, _NUM_SAMPLES.value
   out = _OUT.value or os.path.join(workdir, 'sampler_quality')
-  platform.setup(workdir)
+  runtime.setup(workdir)
   results = run(config, workdir, _ROWS.value, num_samples, _RESAMPLES.value, out)
   print(table(results))
   return 0

@@ -738,9 +738,9 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--result', required=True, help='where to write the JSON result')
   args = parser.parse_args(argv)
   names, spec = args.tasks.split(','), json.loads(args.spec)
-  from ddpm_jax import platform  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import runtime  # pylint: disable=g-import-not-at-top
 
-  platform.configure_xla_flags()  # main.py's XLA:CPU flags, before JAX makes its backend.
+  runtime.configure_xla_flags()  # main.py's XLA:CPU flags, before JAX makes its backend.
   import jax  # pylint: disable=g-import-not-at-top
 
   if spec.get('cache_dir'):

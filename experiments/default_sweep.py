@@ -56,7 +56,7 @@ from ddpm_jax import evaluate  # noqa: E402
 from ddpm_jax import files  # noqa: E402
 from ddpm_jax import inference  # noqa: E402
 from ddpm_jax import input_pipeline  # noqa: E402
-from ddpm_jax import platform  # noqa: E402
+from ddpm_jax import runtime  # noqa: E402
 from ddpm_jax import sharding as sharding_lib  # noqa: E402
 
 # configs/fashion_mnist.py as it was until December 2026, field by field, so the
@@ -510,7 +510,7 @@ def main(argv: list[str]) -> int:
   unknown = [n for n in _VARIANTS.value if n not in VARIANTS]
   if unknown:
     raise app.UsageError(f'Unknown variants {unknown}; valid: {", ".join(VARIANTS)}.')
-  platform.setup(_OUT.value)
+  runtime.setup(_OUT.value)
   results = run(
     _OUT.value,
     _VARIANTS.value,

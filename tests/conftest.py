@@ -9,10 +9,10 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from ddpm_jax import platform  # noqa: E402
+from ddpm_jax import runtime  # noqa: E402
 
 # The XLA:CPU flags main.py runs with, so the tests check the same kernels.
-platform.configure_xla_flags()
+runtime.configure_xla_flags()
 
 import jax  # noqa: E402
 

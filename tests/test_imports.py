@@ -20,7 +20,7 @@ RANKS = [
   {'errors'},
   {'sharding', 'gcs'},
   {'files', 'streams', 'schedules'},
-  {'images', 'platform', 'throughput'},
+  {'images', 'runtime', 'throughput'},
   {'diffusion'},
   {'likelihood'},
   {'losses'},

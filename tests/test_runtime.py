@@ -1,4 +1,4 @@
-"""ddpm_jax.platform: the huge-page re-execution and the XLA:CPU flags main.py runs with."""
+"""ddpm_jax.runtime: the huge-page re-execution and the XLA:CPU flags main.py runs with."""
 
 import json
 import os
@@ -8,14 +8,14 @@ import textwrap
 
 import pytest
 
-from ddpm_jax import platform
+from ddpm_jax import runtime
 
 ROOT = REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = (2, 36)
 
 
 def _decide(environ, glibc=GLIBC, thp='madvise'):
-  return platform.environment_with_huge_pages(environ, glibc=glibc, thp=thp)
+  return runtime.environment_with_huge_pages(environ, glibc=glibc, thp=thp)
 
 
 def test_adds_the_tunable_and_keeps_the_users_others():
@@ -43,8 +43,8 @@ def test_nothing_to_gain_means_no_reexecution(environ, glibc, thp):
 def test_reads_the_kernel_mode(tmp_path):
   setting = tmp_path / 'enabled'
   setting.write_text('always [madvise] never\n')
-  assert platform.thp_mode(str(setting)) == 'madvise'
-  assert platform.thp_mode(str(tmp_path / 'missing')) is None
+  assert runtime.thp_mode(str(setting)) == 'madvise'
+  assert runtime.thp_mode(str(tmp_path / 'missing')) is None
 
 
 # Starts, re-executes once (or not), then mallocs and touches 64 MiB and
@@ -54,8 +54,8 @@ _CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     with open({log!r}, 'a') as f:
       f.write('start\\n')
-    from ddpm_jax import platform
-    platform.reexec_with_huge_pages()
+    from ddpm_jax import runtime
+    runtime.reexec_with_huge_pages()
 
     def anon_huge_kib():
       with open('/proc/self/smaps_rollup') as f:
@@ -77,7 +77,7 @@ def _run_child(tmp_path, **env_overrides):
   log = tmp_path / 'starts.log'
   script = tmp_path / 'child.py'
   script.write_text(_CHILD.format(repo=REPO, log=str(log)))
-  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', platform.OPT_OUT_ENV)}
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', runtime.OPT_OUT_ENV)}
   env.update(env_overrides)
   out = subprocess.run(
     [sys.executable, '-B', str(script), '--flag=x', 'arg'],
@@ -90,8 +90,8 @@ def _run_child(tmp_path, **env_overrides):
 
 
 def test_main_reexecutes_once_with_the_tunable_and_malloc_gets_huge_pages(tmp_path):
-  expected = platform.environment_with_huge_pages(
-    {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', platform.OPT_OUT_ENV)}
+  expected = runtime.environment_with_huge_pages(
+    {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', runtime.OPT_OUT_ENV)}
   )
   report, starts = _run_child(tmp_path)
   # Arguments and interpreter options (-B) survive the re-execution.
@@ -108,7 +108,7 @@ def test_main_reexecutes_once_with_the_tunable_and_malloc_gets_huge_pages(tmp_pa
 def test_opting_out_leaves_malloc_alone(tmp_path):
   report, starts = _run_child(tmp_path, DDPM_JAX_HUGE_PAGES='0')
   assert starts == 1 and report['tunables'] == ''
-  if platform.thp_mode() == 'madvise':
+  if runtime.thp_mode() == 'madvise':
     # Without the tunable nothing asks for huge pages: the control for the test above.
     assert report['huge_mib'] < 8, report
 
@@ -118,29 +118,29 @@ def test_opting_out_leaves_malloc_alone(tmp_path):
 
 def _configured(monkeypatch, xla_flags=None, opt_out=None):
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  monkeypatch.delenv(platform.XLA_FLAGS_ENV, raising=False)
+  monkeypatch.delenv(runtime.XLA_FLAGS_ENV, raising=False)
   if xla_flags is not None:
     monkeypatch.setenv('XLA_FLAGS', xla_flags)
   if opt_out is not None:
-    monkeypatch.setenv(platform.XLA_FLAGS_ENV, opt_out)
-  platform.configure_xla_flags()
+    monkeypatch.setenv(runtime.XLA_FLAGS_ENV, opt_out)
+  runtime.configure_xla_flags()
   return os.environ.get('XLA_FLAGS', '').split()
 
 
 def test_adds_the_flags_once(monkeypatch):
-  assert _configured(monkeypatch) == list(platform.XLA_CPU_FLAGS)
-  platform.configure_xla_flags()
-  assert os.environ['XLA_FLAGS'].split() == list(platform.XLA_CPU_FLAGS)
+  assert _configured(monkeypatch) == list(runtime.XLA_CPU_FLAGS)
+  runtime.configure_xla_flags()
+  assert os.environ['XLA_FLAGS'].split() == list(runtime.XLA_CPU_FLAGS)
 
 
 def test_keeps_the_users_flags_and_values(monkeypatch):
-  name = platform.XLA_CPU_FLAGS[0].split('=')[0]
+  name = runtime.XLA_CPU_FLAGS[0].split('=')[0]
   flags = _configured(monkeypatch, f'--xla_force_host_platform_device_count=2 {name}=dot')
   # The user's value wins; the flags the user did not set are still added.
   assert flags == [
     '--xla_force_host_platform_device_count=2',
     f'{name}=dot',
-    *platform.XLA_CPU_FLAGS[1:],
+    *runtime.XLA_CPU_FLAGS[1:],
   ]
 
 
@@ -153,9 +153,9 @@ def test_opt_out_leaves_xla_flags_alone(monkeypatch):
 def test_this_jaxlib_accepts_the_flags():
   # XLA aborts the process on a flag it does not know (e.g. after a jaxlib
   # upgrade renamed it): check in a fresh process that computes something.
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', platform.XLA_FLAGS_ENV)}
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', runtime.XLA_FLAGS_ENV)}
   code = (
-    'from ddpm_jax import platform; platform.configure_xla_flags(); import jax, os; '
+    'from ddpm_jax import runtime; runtime.configure_xla_flags(); import jax, os; '
     'print(float(jax.numpy.ones(3).sum()), os.environ["XLA_FLAGS"])'
   )
   proc = subprocess.run(
@@ -169,4 +169,4 @@ def test_this_jaxlib_accepts_the_flags():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[0] == '3.0'
-  assert all(flag in proc.stdout.split() for flag in platform.XLA_CPU_FLAGS)
+  assert all(flag in proc.stdout.split() for flag in runtime.XLA_CPU_FLAGS)
