@@ -9,11 +9,12 @@ import ml_collections
 
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import errors
+from ddpm_jax import guidance
 from ddpm_jax import input_pipeline
 from ddpm_jax import losses
 from ddpm_jax import metrics
 from ddpm_jax import models
-from ddpm_jax import sampling
+from ddpm_jax import sampler_table
 from ddpm_jax import schedules
 from ddpm_jax.models import layers
 
@@ -30,7 +31,7 @@ def _positive(problems: list[str], name: str, value) -> None:
     problems.append(f'{name} must be > 0, got {value!r}.')
 
 
-def _check_conditioning(problems: list[str], config: ml_collections.ConfigDict, sample: bool):
+def _check_conditioning(problems: list[str], config: ml_collections.ConfigDict) -> None:
   """Class-conditional fields: on an unconditional model none may be set."""
   num_classes, smp = config.model.get('num_classes', 0), config.sampling
   scales = tuple(config.eval.get('guidance_scales', ()))
@@ -58,31 +59,36 @@ def _check_conditioning(problems: list[str], config: ml_collections.ConfigDict, 
   ):
     for value in values:
       try:
-        sampling.check_guidance_scale(value)
+        guidance.check_guidance_scale(value)
       except ValueError as e:
         problems.append(f'{name}: {e}')
-  if smp.class_labels is not None and str(smp.class_labels).strip():
+  if smp.class_labels is not None:
     try:
-      sampling.parse_class_labels(smp.class_labels, num_classes)
+      guidance.parse_class_labels(smp.class_labels, num_classes)
     except ValueError as e:
       problems.append(f'sampling.class_labels: {e}')
-  elif sample:
-    problems.append(
-      f'model.num_classes={num_classes}: a class-conditional model is sampled with labels; '
-      "set sampling.class_labels to 'all' or to class indices such as '0,3,7'."
-    )
 
 
-def validate(
-  config: ml_collections.ConfigDict, num_devices: int = 1, *, sample: bool = False
-) -> None:
-  """Raises ConfigError listing every problem of `config`; returns None if fine.
+def _resolve_conditioning(config: ml_collections.ConfigDict) -> None:
+  """Fills a class-conditional model's unset sampling fields, so every reader gets one value."""
+  if config.model.get('num_classes', 0) > 0:
+    smp = config.sampling
+    if smp.guidance_scale is None:
+      smp.guidance_scale = 1.0  # The plain conditional model.
+    if smp.class_labels is None:
+      smp.class_labels = 'all'
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError listing every problem of `config`; resolves its defaults if fine.
+
+  A valid class-conditional config gets its unset `sampling.guidance_scale`
+  (1: the conditional model, unguided) and `sampling.class_labels` ('all')
+  filled in, here and nowhere else.
 
   Args:
-    config: the experiment config.
+    config: the experiment config; changed only by that resolution.
     num_devices: devices the global batch will be split over.
-    sample: the config is for --mode=sample or eval, which need the class
-      labels of a class-conditional model.
   """
   problems: list[str] = []
   data, model, dc = config.data, config.model, config.diffusion
@@ -181,13 +187,10 @@ def validate(
 
   for sampler_field, steps_field in (('sampler', 'num_steps'), ('grid_sampler', 'grid_num_steps')):
     try:
-      sampling.check_sampler(smp[sampler_field], smp[steps_field], dc.num_timesteps)
+      sampler_table.check(smp[sampler_field], smp[steps_field], dc.num_timesteps)
     except ValueError as e:
       problems.append(f'sampling.{sampler_field}: {e}')
-  _choice(problems, 'sampling.solver_order', smp.solver_order, sampling.SOLVER_ORDERS)
-  _choice(problems, 'sampling.ddim_skip', smp.ddim_skip, sampling.DDIM_SKIP_TYPES)
-  if smp.ddim_eta < 0:
-    problems.append(f'sampling.ddim_eta must be >= 0, got {smp.ddim_eta}.')
+  problems.extend(sampler_table.field_problems(smp))
   if smp.batch_size % num_devices:
     problems.append(
       f'sampling.batch_size={smp.batch_size} does not divide by the {num_devices} devices.'
@@ -195,7 +198,8 @@ def validate(
   _choice(
     problems, 'eval.feature_extractor', config.eval.feature_extractor, metrics.FEATURE_EXTRACTORS
   )
-  _check_conditioning(problems, config, sample)
+  _check_conditioning(problems, config)
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))
+  _resolve_conditioning(config)

@@ -333,7 +333,7 @@ def evaluate_guidance_sweep(
   label, extractor, meta = feature_extractor(config, im, eval_dir)
   # Accuracy is the domain classifier's whatever features the FD uses (cached after one training).
   classifier, info = _domain_classifier(config, im, eval_dir)
-  scales = tuple(config.eval.guidance_scales) or (inference.guidance_scale_of(config),)
+  scales = tuple(config.eval.guidance_scales) or (config.sampling.guidance_scale,)
   num_samples = config.eval.num_fid_samples
   labels = inference.class_labels(config, num_samples)
   references = {

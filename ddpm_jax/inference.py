@@ -23,8 +23,9 @@ from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import files
+from ddpm_jax import guidance
 from ddpm_jax import images as images_lib
-from ddpm_jax import sampling
+from ddpm_jax import sampler_table
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import streams
 from ddpm_jax.models import unet_from_config
@@ -73,35 +74,59 @@ def num_classes_of(model: nn.Module) -> int:
   return int(getattr(model, 'num_classes', 0))
 
 
-def guidance_scale_of(config: ml_collections.ConfigDict) -> float:
-  """`sampling.guidance_scale`, where unset means 1 (the plain conditional model)."""
-  scale = config.sampling.guidance_scale
-  return 1.0 if scale is None else float(scale)
-
-
 def class_labels(config: ml_collections.ConfigDict, num_samples: int) -> np.ndarray:
   """The labels of `num_samples` samples: `sampling.class_labels`' classes in turn.
 
   With 'all' sample i has class i mod num_classes, so every batch holds every
   class and the counts are equal when num_samples divides by num_classes.
 
+  Args:
+    config: a validated config of a class-conditional model (validation
+      resolves unset class labels to 'all').
+    num_samples: how many labels.
+
   Returns:
     int32 [num_samples].
+  """
+  classes = guidance.parse_class_labels(config.sampling.class_labels, config.model.num_classes)
+  return np.asarray(classes, np.int32)[np.arange(num_samples) % len(classes)]
+
+
+def sampling_model_fn(
+  model: nn.Module,
+  params: Any,
+  *,
+  model_var_type: str,
+  mesh=None,
+  labels: Any = None,
+  guidance_scale: Any = None,
+) -> Callable:
+  """The `model_fn(x_t, t)` that samplers call: guided towards `labels` for a conditional model.
+
+  This is the one place where a class-conditional model becomes a guided
+  `model_fn` (`guidance.guided_model_fn`); an unconditional model's is
+  `make_model_fn`'s.
 
   Raises:
-    ValueError: the model is unconditional, or the labels are unset or bad.
+    ValueError: a conditional model without labels or scale, an
+      unconditional one with them, or bad labels or scale.
   """
-  num_classes = config.model.num_classes
-  spec = config.sampling.class_labels
-  if num_classes <= 0:
-    raise ValueError('class labels need a class-conditional model (model.num_classes > 0).')
-  if spec is None or not str(spec).strip():
+  model_fn = make_model_fn(model, params, mesh)
+  num_classes = num_classes_of(model)
+  if not num_classes:
+    if labels is not None or guidance_scale is not None:
+      raise ValueError(
+        'labels and guidance_scale need a class-conditional model (num_classes > 0).'
+      )
+    return model_fn
+  if labels is None or guidance_scale is None:
     raise ValueError(
-      f'model.num_classes={num_classes}: a class-conditional model is sampled with labels; set '
-      "sampling.class_labels to 'all' or to class indices such as '0,3,7'."
+      f'the model is class-conditional ({num_classes} classes): sample it with labels and a '
+      'guidance scale.'
     )
-  classes = np.asarray(sampling.parse_class_labels(spec, num_classes), np.int32)
-  return classes[np.arange(num_samples) % len(classes)]
+  return guidance.guided_model_fn(
+    model_fn, labels, guidance_scale, null_label=num_classes, model_var_type=model_var_type
+  )
 
 
 def sample(
@@ -127,60 +152,31 @@ def sample(
     config: the experiment config (uses `diffusion` and `sampling`).
     shape: output shape.
     rng: PRNG key; the result is a deterministic function of it.
-    sampler: one of `sampling.SAMPLERS`: 'ddpm' (all T ancestral steps),
-      'respaced' (ancestral over num_steps respaced steps), 'ddim', or the
-      ODE solvers 'dpm_solver' and 'unipc' (of order `sampling.solver_order`).
-    num_steps: steps (model calls) of every sampler but 'ddpm'.
+    sampler: a name of `sampler_table.SAMPLERS`; its other settings come
+      from the config's `sampling` block.
+    num_steps: model calls, where the sampler takes them.
     mesh: optional data mesh to split the batch over.
     labels: a class-conditional model's classes, int [B]; None otherwise.
-    guidance_scale: its classifier-free guidance scale (None: 1, no
-      guidance); see `sampling.guided_model_fn`.
+    guidance_scale: its classifier-free guidance scale; None otherwise.
 
   Returns:
     float32 images [B, H, W, C].
 
   Raises:
-    ValueError: a conditional model without labels, an unconditional one
-      with labels or a guidance scale, or bad labels or scale.
+    ValueError: see `sampling_model_fn` and `sampler_table.check`.
   """
-  sampling.check_sampler(sampler, num_steps, d.num_timesteps)
-  model_fn = make_model_fn(model, params, mesh)
+  sampler_table.check(sampler, num_steps, d.num_timesteps)
   options = model_output_options(config)
-  num_classes = num_classes_of(model)
-  if num_classes:
-    if labels is None:
-      raise ValueError(
-        f'the model is class-conditional ({num_classes} classes): sample it with labels.'
-      )
-    model_fn = sampling.guided_model_fn(
-      model_fn,
-      labels,
-      1.0 if guidance_scale is None else guidance_scale,
-      null_label=num_classes,
-      model_var_type=options['model_var_type'],
-    )
-  elif labels is not None or guidance_scale is not None:
-    raise ValueError('labels and guidance_scale need a class-conditional model (num_classes > 0).')
-  if sampler == 'ddpm':
-    return sampling.p_sample_loop(d, model_fn, shape, rng, **options)
-  if sampler == 'respaced':
-    return sampling.respaced_sample_loop(d, model_fn, shape, rng, num_steps=num_steps, **options)
-  if sampler == 'ddim':
-    return sampling.ddim_sample_loop(
-      d,
-      model_fn,
-      shape,
-      rng,
-      num_steps=num_steps,
-      eta=config.sampling.ddim_eta,
-      skip=config.sampling.ddim_skip,
-      **options,
-    )
-  solver = (
-    sampling.dpm_solver_sample_loop if sampler == 'dpm_solver' else sampling.unipc_sample_loop
+  model_fn = sampling_model_fn(
+    model,
+    params,
+    model_var_type=options['model_var_type'],
+    mesh=mesh,
+    labels=labels,
+    guidance_scale=guidance_scale,
   )
-  return solver(
-    d, model_fn, shape, rng, num_steps=num_steps, order=config.sampling.solver_order, **options
+  return sampler_table.draw(
+    sampler, d, model_fn, shape, rng, num_steps=num_steps, smp=config.sampling, **options
   )
 
 
@@ -197,12 +193,12 @@ def make_sample_fn(
   """Jitted `sample_fn(params, rng) -> images [B, H, W, C]`, batch split over `mesh`.
 
   A class-conditional model's is `sample_fn(params, rng, labels, guidance_scale)`
-  with labels int [B] and a scale >= 0 (None: 1), both checked on the host
-  and traced, so every scale shares one compiled program.
+  with labels int [B] and a scale >= 0, both checked on the host and traced,
+  so every scale shares one compiled program.
 
   Compiled once per shape; B must divide by the number of devices.
   """
-  sampling.check_sampler(sampler, num_steps, d.num_timesteps)
+  sampler_table.check(sampler, num_steps, d.num_timesteps)
   sharding_lib.check_batch_size(shape[0], mesh)
   fn = functools.partial(
     sample,
@@ -228,11 +224,11 @@ def make_sample_fn(
     out_shardings=sharding_lib.batch_sharded(mesh),
   )
 
-  def conditional_sample_fn(params, rng, labels, guidance_scale=None):
-    labels = np.asarray(sampling.check_labels(labels, num_classes))
+  def conditional_sample_fn(params, rng, labels, guidance_scale):
+    labels = np.asarray(guidance.check_labels(labels, num_classes))
     if labels.shape != (shape[0],):
       raise ValueError(f'labels must have shape [B] = ({shape[0]},), got {labels.shape}.')
-    scale = sampling.check_guidance_scale(1.0 if guidance_scale is None else guidance_scale)
+    scale = guidance.check_guidance_scale(guidance_scale)
     return jitted(params, rng, labels, np.float32(scale))
 
   return conditional_sample_fn
@@ -255,13 +251,15 @@ def load_inference_model(
 ) -> InferenceModel:
   """Validates the config against the workdir's checkpoint and loads its EMA parameters.
 
+  Validation resolves the config's sampling defaults (`config_validation.validate`).
+
   Raises:
     config_validation.ConfigError: the config cannot work.
     checkpointing.CheckpointError: no checkpoint in the workdir.
     errors.TrainingError: the checkpoint was made with another model config.
   """
   mesh = sharding_lib.make_mesh()
-  config_validation.validate(config, num_devices=mesh.devices.size, sample=True)
+  config_validation.validate(config, num_devices=mesh.devices.size)
   files.check_storage(workdir)
   directory = os.path.join(files.absolute(workdir), 'checkpoints')
   if not files.as_path(directory).is_dir():
@@ -298,19 +296,14 @@ def sampler_name(
   config's) and class labels.
   """
   smp = config.sampling
-  steps = '' if smp.sampler == 'ddpm' else str(smp.num_steps)
-  extra = {
-    'ddim': f'_eta{smp.ddim_eta:g}_{smp.ddim_skip}',
-    'dpm_solver': f'_order{smp.solver_order}',
-    'unipc': f'_order{smp.solver_order}',
-  }.get(smp.sampler, '')
+  name = sampler_table.tag(smp.sampler, smp.num_steps, smp)
   if config.model.num_classes > 0:
-    scale = guidance_scale_of(config) if guidance_scale is None else guidance_scale
+    scale = smp.guidance_scale if guidance_scale is None else guidance_scale
     spec = str(smp.class_labels).strip().replace(',', '-').replace(' ', '')
     if len(spec) > 24:  # A long list of classes: a short digest names it.
       spec = hashlib.sha256(spec.encode()).hexdigest()[:10]
-    extra += f'_guidance{scale:g}_classes-{spec}'
-  return f'{smp.sampler}{steps}{extra}_step{step}_seed{config.seed}'
+    name += f'_guidance{scale:g}_classes-{spec}'
+  return f'{name}_step{step}_seed{config.seed}'
 
 
 def generate_samples(
@@ -347,7 +340,7 @@ def generate_samples(
   conditional = num_classes_of(im.model) > 0
   if conditional:
     labels = class_labels(config, num_batches * batch_size)
-    scale = guidance_scale_of(config) if guidance_scale is None else guidance_scale
+    scale = config.sampling.guidance_scale if guidance_scale is None else guidance_scale
 
   def compute(index, _):
     key = jax.random.fold_in(base_key, index)

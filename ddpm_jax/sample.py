@@ -15,13 +15,13 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from ddpm_jax import files
 from ddpm_jax import images as images_lib
 from ddpm_jax import inference
+from ddpm_jax import sampler_table
 from ddpm_jax import sampling
 from ddpm_jax import streams
 
@@ -56,25 +56,6 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
   return path
 
 
-def _figure_model_fn(config, im, model_fn, label):
-  """The figures' model: a conditional model guided towards `label`, any batch size."""
-  if not im.model.num_classes:
-    return model_fn
-  scale = inference.guidance_scale_of(config)
-
-  def guided(x_t, t):
-    labels = jnp.full(x_t.shape[:1], label, jnp.int32)
-    return sampling.guided_model_fn(
-      model_fn,
-      labels,
-      scale,
-      null_label=im.model.num_classes,
-      model_var_type=config.diffusion.model_var_type,
-    )(x_t, t)
-
-  return guided
-
-
 def save_figures(
   config: ml_collections.ConfigDict, im: inference.InferenceModel, samples_dir: str, name: str
 ) -> None:
@@ -82,9 +63,21 @@ def save_figures(
 
   A class-conditional model draws both of the first class of `sampling.class_labels`.
   """
-  label = inference.class_labels(config, 1)[0] if im.model.num_classes else None
-  model_fn = _figure_model_fn(config, im, inference.make_model_fn(im.model, im.ema_params), label)
   kw = inference.model_output_options(config)
+  conditional = im.model.num_classes > 0
+  label = inference.class_labels(config, 1)[0] if conditional else None
+
+  def model_fn(batch):
+    """The model for a figure of `batch` images, all of class `label` where there are classes."""
+    labels = np.full((batch,), label, np.int32) if conditional else None
+    return inference.sampling_model_fn(
+      im.model,
+      im.ema_params,
+      model_var_type=kw['model_var_type'],
+      labels=labels,
+      guidance_scale=config.sampling.guidance_scale if conditional else None,
+    )
+
   key = streams.key(config.seed, streams.Stream.FIGURE)
   num_timesteps = im.diffusion.num_timesteps
   every = max(num_timesteps // 10, 1)
@@ -92,7 +85,7 @@ def save_figures(
     every -= 1
   progressive = jax.jit(
     lambda k: sampling.p_sample_loop_progressive(
-      im.diffusion, model_fn, (4,) + im.image_shape, k, every=every, **kw
+      im.diffusion, model_fn(4), (4,) + im.image_shape, k, every=every, **kw
     )
   )
   _, snapshots = progressive(key)
@@ -105,31 +98,25 @@ def save_figures(
     upscale=images_lib.readable_upscale(im.image_shape[0]),
   )
 
-  # Interpolation between two generated images, decoded from t = T/2.
-  model_scale = inference.guidance_scale_of(config) if label is not None else None
+  # Interpolation between two images drawn by DDIM (the config's eta and skip), decoded from t = T/2.
+  ddim = sampler_table.keywords('ddim', config.sampling)
   pair = np.asarray(
     jax.jit(
-      lambda k: inference.sample(
-        im.model,
-        im.ema_params,
+      lambda k: sampling.ddim_sample_loop(
         im.diffusion,
-        config,
+        model_fn(2),
         (2,) + im.image_shape,
         k,
-        sampler='ddim',
         num_steps=min(50, num_timesteps),
-        **(
-          {}
-          if label is None
-          else dict(labels=np.full((2,), label, np.int32), guidance_scale=model_scale)
-        ),
+        **ddim,
+        **kw,
       )
     )(jax.random.fold_in(key, 1))
   )
   lams = np.linspace(0.0, 1.0, 8)
   mixed = jax.jit(
     lambda k: sampling.interpolate(
-      im.diffusion, model_fn, pair[:1], pair[1:], k, t=num_timesteps // 2, lam=lams, **kw
+      im.diffusion, model_fn(1), pair[:1], pair[1:], k, t=num_timesteps // 2, lam=lams, **kw
     )
   )(jax.random.fold_in(key, 2))
   row = np.concatenate([pair[:1], np.asarray(mixed)[:, 0], pair[1:]])

@@ -8,6 +8,7 @@ from configs import tiny
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import errors
+from ddpm_jax import sampler_table
 
 
 def _problems(**overrides):
@@ -24,7 +25,7 @@ def test_the_defaults_are_valid():
   config_validation.validate(tiny.get_config())
 
 
-@pytest.mark.parametrize('sampler', ['ddpm', 'respaced', 'ddim', 'dpm_solver', 'unipc'])
+@pytest.mark.parametrize('sampler', sorted(sampler_table.SAMPLERS))
 def test_every_sampler_is_accepted(sampler):
   config = tiny.get_config()
   config.sampling.sampler = sampler
@@ -38,14 +39,28 @@ def test_bad_choices_name_the_valid_ones_all_at_once():
     sampling__solver_order=4,
     model__layers='bogus',
     sampling__ddim_skip='log',
+    sampling__pc_snr=-1.0,
   )
   assert (
-    "sampling.sampler: Unknown sampler 'euler'; valid choices: ddpm, respaced, ddim, "
+    "sampling.sampler: Unknown sampler 'euler'; valid choices: ddpm, respaced, ddim, pc, "
     'dpm_solver, unipc.' in message
   )
-  assert 'sampling.solver_order=4 is not one of: 1, 2, 3.' in message
+  assert (
+    'sampling.solver_order, sampling.dynamic_threshold, sampling.solver_final_sigma: '
+    'order must be one of (1, 2, 3), got 4.' in message
+  )
   assert "model.layers='bogus' is not one of: auto, reference, fast." in message
-  assert "sampling.ddim_skip='log' is not one of: uniform, quad." in message
+  assert (
+    "sampling.ddim_eta, sampling.ddim_skip: Unknown skip 'log'; valid choices: uniform, quad."
+    in message
+  )
+  assert 'sampling.pc_corrector_steps, sampling.pc_snr: snr must be a finite number >= 0' in message
+
+
+def test_solver_options_without_a_reason_are_refused():
+  message = _problems(sampling__dynamic_threshold=1.5, sampling__sampler='unipc')
+  assert 'dynamic_threshold must be a quantile in (0, 1], got 1.5.' in message
+  assert "Unknown final_sigma 'max'" in _problems(sampling__solver_final_sigma='max')
 
 
 def test_solver_steps_must_fit_the_process():
@@ -104,24 +119,28 @@ def test_conditional_fields_are_checked():
   assert 'num_classes must be >= 0' in _problems(model__num_classes=-1)
 
 
-def test_a_conditional_model_is_sampled_with_labels():
+def test_validation_resolves_a_conditional_models_unset_scale_and_labels_once():
   config = tiny.get_config()
   config.model.num_classes = 10
-  config_validation.validate(config)  # Training needs no sampling labels.
-  for labels in (None, ' '):
-    config.sampling.class_labels = labels
-    with pytest.raises(config_validation.ConfigError, match="set sampling.class_labels to 'all'"):
-      config_validation.validate(config, sample=True)
-  config.sampling.class_labels = '3, 5'
-  config_validation.validate(config, sample=True)
+  config_validation.validate(config)
+  assert (config.sampling.guidance_scale, config.sampling.class_labels) == (1.0, 'all')
+  config.sampling.guidance_scale, config.sampling.class_labels = 2.5, '3, 5'
+  config_validation.validate(config)  # Set values stay as they are.
+  assert (config.sampling.guidance_scale, config.sampling.class_labels) == (2.5, '3, 5')
+  plain = tiny.get_config()
+  config_validation.validate(plain)  # An unconditional model gets nothing.
+  assert (plain.sampling.guidance_scale, plain.sampling.class_labels) == (None, None)
+  config.sampling.class_labels = ' '
+  with pytest.raises(config_validation.ConfigError, match="use 'all' or class indices"):
+    config_validation.validate(config)
 
 
 def test_the_default_and_its_unconditional_twin_differ_only_in_conditioning():
   from configs import fashion_mnist, fashion_mnist_uncond  # pylint: disable=g-import-not-at-top
 
   cond, plain = fashion_mnist.get_config(), fashion_mnist_uncond.get_config()
-  config_validation.validate(cond, sample=True)
-  config_validation.validate(plain, sample=True)
+  config_validation.validate(cond)
+  config_validation.validate(plain)
   assert cond.model.num_classes == 10 and cond.sampling.class_labels == 'all'
   assert plain.model.num_classes == 0 and plain.sampling.guidance_scale is None
   for section in ('data', 'diffusion', 'optim'):

@@ -1,0 +1,188 @@
+"""The one table of the samplers a config can name, and the only place a config becomes a sampler.
+
+Each row maps a `sampling.sampler` name to the chain that draws the samples,
+whether it takes `num_steps`, the other `sampling.*` fields it reads (as the
+chain's keywords) and how they name its files. Config validation, inference
+(`--mode=sample`, `--mode=eval`, the training grids) and the benchmarks all
+read it, so a sampler is added here and nowhere else.
+"""
+
+import dataclasses
+from typing import Any
+from collections.abc import Callable
+
+import jax
+import ml_collections
+
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import sampling
+from ddpm_jax import solvers
+
+
+def _ddim_tag(kw: dict[str, Any]) -> str:
+  return f'_eta{kw["eta"]:g}_{kw["skip"]}'
+
+
+def _pc_tag(kw: dict[str, Any]) -> str:
+  return f'_corrector{kw["corrector_steps"]}_snr{kw["snr"]:g}'
+
+
+def _solver_tag(kw: dict[str, Any]) -> str:
+  tag = f'_order{kw["order"]}'
+  if kw['dynamic_threshold'] is not None:
+    tag += f'_threshold{kw["dynamic_threshold"]:g}'
+  if kw['final_sigma'] != 'zero':
+    tag += f'_final-{kw["final_sigma"]}'
+  return tag
+
+
+_SOLVER_FIELDS = (
+  ('order', 'solver_order'),
+  ('dynamic_threshold', 'dynamic_threshold'),
+  ('final_sigma', 'solver_final_sigma'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A row of the table.
+
+  Attributes:
+    function: the chain, `function(d, model_fn, shape, rng, **keywords)`.
+    summary: what it does, in a few words (for error messages and --help).
+    takes_num_steps: it makes `sampling.num_steps` model calls (else a fixed number).
+    fields: (keyword of `function`, `sampling.*` field that gives it) pairs.
+    check: raises ValueError for bad values of those keywords.
+    tag: the file-name tag of those keywords' values.
+  """
+
+  function: Callable[..., jax.Array]
+  summary: str
+  takes_num_steps: bool
+  fields: tuple[tuple[str, str], ...] = ()
+  check: Callable[..., Any] = lambda **_: None
+  tag: Callable[[dict[str, Any]], str] = lambda _: ''
+
+
+SAMPLERS: dict[str, Sampler] = {
+  'ddpm': Sampler(sampling.p_sample_loop, 'all T ancestral steps (the paper)', False),
+  'respaced': Sampler(
+    sampling.respaced_sample_loop, 'K ancestral steps of a respaced process', True
+  ),
+  'ddim': Sampler(
+    sampling.ddim_sample_loop,
+    'K DDIM steps',
+    True,
+    (('eta', 'ddim_eta'), ('skip', 'ddim_skip')),
+    sampling.check_ddim_options,
+    _ddim_tag,
+  ),
+  'pc': Sampler(
+    sampling.pc_sample_loop,
+    'T ancestral steps, each after Langevin corrector steps',
+    False,
+    (('corrector_steps', 'pc_corrector_steps'), ('snr', 'pc_snr')),
+    sampling.check_pc_options,
+    _pc_tag,
+  ),
+  'dpm_solver': Sampler(
+    solvers.dpm_solver_sample_loop,
+    'K steps of DPM-Solver++',
+    True,
+    _SOLVER_FIELDS,
+    solvers.check_options,
+    _solver_tag,
+  ),
+  'unipc': Sampler(
+    solvers.unipc_sample_loop,
+    'K steps of UniPC',
+    True,
+    _SOLVER_FIELDS,
+    solvers.check_options,
+    _solver_tag,
+  ),
+}
+
+
+def describe() -> str:
+  """One line per sampler: its name and what it does."""
+  return '\n'.join(f'  {name}: {row.summary}' for name, row in SAMPLERS.items())
+
+
+def row(name: str) -> Sampler:
+  """The row of `name`; ValueError naming the valid choices for any other."""
+  if name not in SAMPLERS:
+    raise ValueError(f'Unknown sampler {name!r}; valid choices: {", ".join(SAMPLERS)}.')
+  return SAMPLERS[name]
+
+
+def keywords(name: str, smp: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The chain's keywords that the `sampling` config block gives it."""
+  return {keyword: smp[field] for keyword, field in row(name).fields}
+
+
+def check(name: str, num_steps: int, num_timesteps: int) -> None:
+  """Raises ValueError for an unknown sampler or a step count it cannot make.
+
+  Args:
+    name: the sampler's name.
+    num_steps: its model calls (read only where the sampler takes them).
+    num_timesteps: T of the process.
+  """
+  if row(name).takes_num_steps and not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f'Sampler {name!r} needs 1 <= num_steps <= {num_timesteps}, got {num_steps}.')
+
+
+def field_problems(smp: ml_collections.ConfigDict) -> list[str]:
+  """What is wrong with the `sampling` fields of every sampler, chosen or not, one line each."""
+  problems, seen = [], set()
+  for sampler in SAMPLERS.values():
+    if sampler.fields in seen:
+      continue
+    seen.add(sampler.fields)
+    try:
+      sampler.check(**{keyword: smp[field] for keyword, field in sampler.fields})
+    except ValueError as e:
+      names = ', '.join(f'sampling.{field}' for _, field in sampler.fields)
+      problems.append(f'{names}: {e}')
+  return problems
+
+
+def tag(name: str, num_steps: int, smp: ml_collections.ConfigDict) -> str:
+  """A file-name tag that fixes everything the sampler's output depends on, e.g. 'ddim50_eta0_uniform'."""
+  sampler = row(name)
+  steps = str(num_steps) if sampler.takes_num_steps else ''
+  return f'{name}{steps}{sampler.tag(keywords(name, smp))}'
+
+
+def draw(
+  name: str,
+  d: diffusion_lib.Diffusion,
+  model_fn: Callable[..., jax.Array],
+  shape: tuple[int, ...],
+  rng: jax.Array,
+  *,
+  num_steps: int,
+  smp: ml_collections.ConfigDict,
+  **model_options: Any,
+) -> jax.Array:
+  """Samples of `shape` from the named chain with the `sampling` block's settings.
+
+  Args:
+    name: the sampler.
+    d: the process the model was trained with.
+    model_fn: `model_fn(x_t, t)` (a guided one for a class-conditional model).
+    shape: static sample shape (B, H, W, C).
+    rng: a PRNG key.
+    num_steps: model calls, where the sampler takes them.
+    smp: the `sampling` config block.
+    **model_options: clip_denoised, model_mean_type, model_var_type.
+
+  Returns:
+    x_0 of `shape`.
+  """
+  sampler = row(name)
+  kw = dict(keywords(name, smp), **model_options)
+  if sampler.takes_num_steps:
+    kw['num_steps'] = num_steps
+  return sampler.function(d, model_fn, shape, rng, **kw)
