@@ -112,7 +112,7 @@ def get_builder(
 
   Preparation happens once per data directory; later calls only check that
   the prepared files exist. For 'fashion_mnist_local' it converts the local
-  IDX files (about 12 s on 2 CPU cores); datasets that need a download fail
+  IDX files (seconds); datasets that need a download fail
   here when offline unless they were prepared before. In a multi-process run,
   prepare once before launching rather than from every process at once.
 

@@ -129,10 +129,8 @@ def reexec_with_huge_pages() -> None:
 # Where compiled programs are cached across runs; '' turns the cache off.
 COMPILATION_CACHE_ENV = 'DDPM_JAX_COMPILATION_CACHE'
 
-# XLA:CPU flags (jaxlib 0.10.2; docs/performance.md has the figures). YNNPACK
-# only for reductions: its convolutions are slower than XLA's own for this
-# network. The memory-ordered scheduler: less temporary memory at the same
-# speed, bitwise the same results. Neither changes the math (no fast-math).
+# XLA:CPU flags, neither of which changes the math (docs/performance.md has why and the
+# figures): YNNPACK only for reductions, and the memory-ordered scheduler.
 XLA_CPU_FLAGS = (
   '--xla_cpu_experimental_ynn_fusion_type=reduce',
   '--xla_cpu_enable_concurrency_optimized_scheduler=false',

@@ -248,11 +248,10 @@ def train_steps(
   Step s uses the key fold_in(seed_key, s), so a run's randomness depends
   only on the seed and the step, not on K or on where it was resumed.
 
-  The K steps are unrolled at trace time rather than run by `lax.scan`:
-  XLA:CPU ran a training step inside a while loop about 100x slower, and
-  compiled it 7x slower, than the same step in straight-line code (measured
-  on this project's CPU machines; a scanned forward pass is not affected).
-  K is small, so the unrolled program stays small.
+  The K steps are unrolled at trace time rather than run by `lax.scan`,
+  because XLA:CPU runs and compiles a training step inside a while loop far
+  slower than in straight-line code (docs/performance.md). K is small, so the
+  unrolled program stays small.
 
   Args:
     state: the current state.

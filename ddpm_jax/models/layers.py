@@ -9,7 +9,7 @@ rounding, so one checkpoint loads with any of them:
              nn.Dropout, and nearest x2 upsampling then nn.Conv.
   FAST       REFERENCE with the kernels of `ddpm_jax.kernels` (GroupNorm, the
              Dense layers' gradient, the upsampling convolution at the input
-             resolution), which were measured faster on CPU; the Dense
+             resolution), faster on CPU (docs/performance.md); the Dense
              kernel's CPU-only part is chosen with `lax.platform_dependent`.
 
 The config field `model.layers` names a set: 'auto' (by platform,
@@ -97,8 +97,8 @@ FAST = dataclasses.replace(
 LAYER_SETS = {'reference': REFERENCE, 'fast': FAST}
 LAYER_CHOICES = ('auto',) + tuple(LAYER_SETS)
 
-# The set 'auto' picks on each platform. GPU and TPU keep what they ran when
-# last measured (an H100 run): the fast set.
+# The set 'auto' picks on each platform: the fast set wherever it was measured no slower
+# (docs/performance.md).
 _PLATFORM_SETS = {'cpu': 'fast', 'gpu': 'fast', 'tpu': 'fast'}
 
 
