@@ -2,7 +2,7 @@
 
 Each is re-exported by the module whose callers meet it first
 (`config_validation.ConfigError`, `train.TrainingError`,
-`checkpointing.CheckpointError`, `files.StorageError`); catch them under either name.
+`checkpointing.CheckpointError`, `gcs.StorageError`); catch them under either name.
 """
 
 

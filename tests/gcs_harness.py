@@ -8,6 +8,10 @@ run in that namespace too (`nsenter --net=...`, see `command`), so a client
 that is misconfigured fails instead of reaching the internet; the test
 process itself stays outside and reads the objects straight from the
 server's filesystem root, where each object is a plain file.
+
+The GCS test modules share their set-up from here: `skip_unless_available`
+as their mark, and the module fixtures `server` and `data_dirs`, which a
+module takes by naming them at its top (`server = gcs_harness.server`).
 """
 
 import os
@@ -17,6 +21,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+import pytest
 
 import trainer_harness as th
 
@@ -47,6 +53,12 @@ def unavailable_reason() -> str | None:
       f'(unshare -n: {probe.stderr.strip()}); the tests never let storage traffic leave the machine'
     )
   return None
+
+
+def skip_unless_available():
+  """A test module's mark: skipped, with the reason, where the server cannot run."""
+  reason = unavailable_reason()
+  return pytest.mark.skipif(reason is not None, reason=f'GCS server: {reason}')
 
 
 def _make_certs(directory: str) -> None:
@@ -157,11 +169,18 @@ class GcsServer:
       os.remove(flag)
 
 
-def serve(tmp_path_factory):
-  """A module fixture's body: a started server, stopped at the end."""
-  server = GcsServer(str(tmp_path_factory.mktemp('gcs'))).start()
-  yield server
-  server.stop()
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+  """A started server, one per test module (the modules run side by side), stopped at its end."""
+  started = GcsServer(str(tmp_path_factory.mktemp('gcs'))).start()
+  yield started
+  started.stop()
+
+
+@pytest.fixture(scope='module')
+def data_dirs(tmp_path_factory):
+  """The module's fake Fashion-MNIST: (IDX folder, TFDS data_dir), from trainer_harness."""
+  return th.make_data(str(tmp_path_factory.mktemp('data')))
 
 
 def start_trainer(server, workdir, flags, log_path, script=th.LAUNCHER, **env):

@@ -1,10 +1,15 @@
-"""ddpm_jax.files on local paths: paths kept apart from URLs, whole files, appends."""
+"""ddpm_jax.files on local paths, and the part of ddpm_jax.gcs that needs no server.
+
+Paths stay apart from URLs, files are written whole, appends append; a local
+path needs no bucket check, and a bucket is listed once per process.
+"""
 
 import os
 
 import numpy as np
 
 from ddpm_jax import files
+from ddpm_jax import gcs
 
 
 def test_a_url_is_never_made_a_local_path(tmp_path, monkeypatch):
@@ -30,4 +35,21 @@ def test_local_writes_are_whole_and_appends_append(tmp_path):
 
 
 def test_a_local_path_needs_no_storage_check(tmp_path):
-  files.check_storage(tmp_path / 'anything')  # Returns without a network call.
+  gcs.check_bucket(tmp_path / 'anything')  # Returns without a network call.
+
+
+def test_a_bucket_is_listed_once_per_process(monkeypatch):
+  listed = []
+
+  class Client:
+    def list_blobs(self, bucket, prefix, max_results):
+      listed.append((bucket, prefix))
+      return iter(())
+
+  monkeypatch.setattr(gcs, '_client', Client)
+  monkeypatch.setattr(gcs, '_usable_buckets', set())
+  # main.py's start-up, then train_and_evaluate (or the model load), on one workdir.
+  gcs.check_bucket('gs://bucket/run/')
+  gcs.check_bucket('gs://bucket/run')
+  gcs.check_bucket('gs://other/run')
+  assert listed == [('bucket', 'run'), ('other', 'run')]

@@ -34,23 +34,14 @@ import gcs_harness as gh
 import trainer_harness as th
 from ddpm_jax import train
 
-_UNAVAILABLE = gh.unavailable_reason()
-pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f'GCS server: {_UNAVAILABLE}')
+pytestmark = gh.skip_unless_available()
+# The harness's module fixtures: this module's own server and fake data.
+server, data_dirs = gh.server, gh.data_dirs
 
 WORKDIR = f'gs://{gh.BUCKET}/run'
 # Six steps, a checkpoint every two, every step's metrics, a sample grid at the end.
 STEPS = dict(num_train_steps=6, checkpoint_every_steps=2, log_every_steps=1, sample_every_steps=6)
 OUTAGE_S = 5
-
-
-@pytest.fixture(scope='module')
-def server(tmp_path_factory):
-  yield from gh.serve(tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
-def data_dirs(tmp_path_factory):
-  return th.make_data(str(tmp_path_factory.mktemp('data')))
 
 
 def _wait_for(condition, process, what, timeout=th.TIMEOUT_S):

@@ -22,18 +22,9 @@ import trainer_harness as th
 from ddpm_jax import input_pipeline
 from ddpm_jax import train
 
-_UNAVAILABLE = gh.unavailable_reason()
-pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f'GCS server: {_UNAVAILABLE}')
-
-
-@pytest.fixture(scope='module')
-def server(tmp_path_factory):
-  yield from gh.serve(tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
-def data_dirs(tmp_path_factory):
-  return th.make_data(str(tmp_path_factory.mktemp('data')))
+pytestmark = gh.skip_unless_available()
+# The harness's module fixtures: this module's own server and fake data.
+server, data_dirs = gh.server, gh.data_dirs
 
 
 TWO = dict(num_train_steps=4, checkpoint_every_steps=2, log_every_steps=1, sample_every_steps=4)
