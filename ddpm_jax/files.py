@@ -71,11 +71,6 @@ def read_text(path: PathLike) -> str:
   return as_path(path).read_text()
 
 
-def check_storage(path: PathLike) -> None:
-  """Transitional: `gcs.check_bucket`, until the start-up and `inference` call it."""
-  gcs.check_bucket(path)
-
-
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
   """Calls `write(tmp_path)`, then puts the file at `path` whole; makes the folder.
 

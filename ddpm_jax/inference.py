@@ -23,6 +23,7 @@ from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import files
+from ddpm_jax import gcs
 from ddpm_jax import guidance
 from ddpm_jax import images as images_lib
 from ddpm_jax import sampler_table
@@ -260,7 +261,7 @@ def load_inference_model(
   """
   mesh = sharding_lib.make_mesh()
   config_validation.validate(config, num_devices=mesh.devices.size)
-  files.check_storage(workdir)
+  gcs.check_bucket(workdir)
   directory = os.path.join(files.absolute(workdir), 'checkpoints')
   if not files.as_path(directory).is_dir():
     raise checkpointing.CheckpointError(

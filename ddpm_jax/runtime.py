@@ -222,9 +222,10 @@ def initialize(
     jax.devices()[0].platform,
   )
   from ddpm_jax import files  # pylint: disable=g-import-not-at-top  (it imports JAX)
+  from ddpm_jax import gcs  # pylint: disable=g-import-not-at-top
 
   # A missing or forbidden bucket fails here, naming it, before any work.
-  files.check_storage(workdir)
+  gcs.check_bucket(workdir)
   files.makedirs(workdir)
 
 
