@@ -25,7 +25,7 @@ RANKS = [
   {'likelihood'},
   {'losses'},
   {'chain'},
-  {'guidance', 'solvers'},
+  {'guidance', 'solvers', 'edm'},
   {'sampling'},
   {'sampler_table'},
   # Networks, their kernels, data and metrics know nothing of diffusion.
