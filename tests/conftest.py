@@ -2,7 +2,8 @@
 
 Four CPU devices are forced before JAX initialises, so the multi-device tests
 can build a 4-way 'data' mesh in the same process as the single-device ones
-(which simply use one device of the four).
+(which simply use one device of the four). The `x64` fixture runs a test in
+float64; `precision` runs it once in float32 and once in float64.
 """
 
 import os
@@ -32,3 +33,43 @@ _cache_dir = (
 )
 jax.config.update('jax_compilation_cache_dir', _cache_dir)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+from collections.abc import Iterator  # noqa: E402
+from typing import Any, NamedTuple  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64() -> Iterator[None]:
+  """Runs a test with jax_enable_x64 on, restoring the previous setting after."""
+  with jax.enable_x64(True):
+    yield
+
+
+class Precision(NamedTuple):
+  """The floating-point precision a `precision` test runs in."""
+
+  name: str  # 'float32' or 'float64'.
+  dtype: Any
+
+  def pick(self, *, float32: Any, float64: Any) -> Any:
+    """This precision's value: a tolerance, or the timesteps its round trips reach."""
+    return float64 if self.name == 'float64' else float32
+
+
+@pytest.fixture(params=['float32', 'float64'])
+def precision(request: pytest.FixtureRequest) -> Iterator[Precision]:
+  """Runs a test once in float32 and once in float64 (with jax_enable_x64 on).
+
+  A test asks the yielded `Precision` for its dtype and, through `pick`, for
+  the tolerance each precision allows: float64 keeps its tight bounds and
+  float32 its own.
+  """
+  if request.param == 'float64':
+    with jax.enable_x64(True):
+      yield Precision('float64', jnp.float64)
+  else:
+    assert not jax.config.jax_enable_x64
+    yield Precision('float32', jnp.float32)

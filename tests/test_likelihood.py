@@ -9,7 +9,7 @@ vanish and only the decoder term remains.
 
 import math
 from typing import NamedTuple
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +21,6 @@ from ddpm_jax import likelihood
 
 LN2 = math.log(2.0)
 SHAPE = (3, 4, 4, 3)  # [B, H, W, C]
-
-
-@pytest.fixture
-def x64() -> Iterator[None]:
-  """Runs a test with jax_enable_x64 on, restoring the previous setting after."""
-  with jax.enable_x64(True):
-    yield
 
 
 def _grid_x0(seed: int, shape=SHAPE) -> np.ndarray:
@@ -161,23 +154,17 @@ def test_decoder_matches_reference_formula(x64):
 
 @pytest.mark.parametrize('mean', [-1.0, -0.3, 0.0, 0.77, 1.2])
 @pytest.mark.parametrize('log_scale', [-6.0, -3.0, -1.0, 0.0, 1.0])
-def test_decoder_probabilities_sum_to_one(x64, mean, log_scale):
-  grid = jnp.arange(256, dtype=jnp.float64) / 127.5 - 1.0
+def test_decoder_probabilities_sum_to_one(precision, mean, log_scale):
+  p = precision
+  grid = jnp.arange(256, dtype=p.dtype) / 127.5 - 1.0
   log_p = likelihood.discretized_gaussian_log_likelihood(
-    grid, jnp.float64(mean), jnp.float64(log_scale)
+    grid, jnp.asarray(mean, p.dtype), jnp.asarray(log_scale, p.dtype)
   )
-  # Each of the 256 bins may be floored at 1e-12: at most 2.6e-10 too much.
-  np.testing.assert_allclose(np.exp(np.asarray(log_p)).sum(), 1.0, atol=3e-10)
-
-
-def test_decoder_probabilities_sum_to_one_float32():
-  grid = jnp.arange(256, dtype=jnp.float32) / 127.5 - 1.0
-  for mean, log_scale in [(0.1, -2.0), (-0.9, -4.0), (0.5, 0.0)]:
-    log_p = likelihood.discretized_gaussian_log_likelihood(
-      grid, jnp.float32(mean), jnp.float32(log_scale)
-    )
-    assert log_p.dtype == jnp.float32
-    np.testing.assert_allclose(np.exp(np.asarray(log_p, np.float64)).sum(), 1.0, atol=1e-4)
+  assert log_p.dtype == p.dtype
+  # In float64 each of the 256 bins may be floored at 1e-12: at most 2.6e-10 too much.
+  np.testing.assert_allclose(
+    np.exp(np.asarray(log_p, np.float64)).sum(), 1.0, atol=p.pick(float32=1e-4, float64=3e-10)
+  )
 
 
 def test_decoder_rejects_params_that_do_not_broadcast_to_x():
@@ -189,25 +176,21 @@ def test_decoder_rejects_params_that_do_not_broadcast_to_x():
 # Prior term.
 
 
-def test_prior_bpd_golden(x64):
-  d = diffusion.make_diffusion(dtype=jnp.float64)
+def test_prior_bpd_golden(precision):
+  p = precision
+  d = diffusion.make_diffusion(dtype=p.dtype)
   x0 = np.zeros((4, 2, 2, 3))
   x0[1], x0[2] = 1.0, -1.0
   x0[3, :1] = 1.0  # Half the dimensions at 1, half at 0: the mean of the two.
-  got = likelihood.prior_bpd(d, jnp.asarray(x0))
-  assert got.shape == (4,) and got.dtype == jnp.float64
+  got = likelihood.prior_bpd(d, jnp.asarray(x0, p.dtype))
+  assert got.shape == (4,) and got.dtype == p.dtype
   at_0, at_1 = 5.874783886761826e-10, 2.9112945420286456e-05
-  np.testing.assert_allclose(got, [at_0, at_1, at_1, (at_0 + at_1) / 2], rtol=1e-10)
-
-
-def test_prior_bpd_float32_is_close():
-  d = diffusion.make_diffusion()
-  x0 = jnp.stack([jnp.zeros((2, 2, 3)), jnp.ones((2, 2, 3)), -jnp.ones((2, 2, 3))])
-  got = likelihood.prior_bpd(d, x0)
-  assert got.dtype == jnp.float32
   # In float32, -1 - lv + exp(lv) cancels to within ~1e-7 of its 1e-9 value.
   np.testing.assert_allclose(
-    got, [5.874783886761826e-10] + [2.9112945420286456e-05] * 2, rtol=1e-2, atol=1e-7
+    got,
+    [at_0, at_1, at_1, (at_0 + at_1) / 2],
+    rtol=p.pick(float32=1e-2, float64=1e-10),
+    atol=p.pick(float32=1e-7, float64=0.0),
   )
 
 
@@ -359,45 +342,34 @@ def _expected_decoder_bpd(x0: np.ndarray, num_timesteps: int) -> np.ndarray:
   return -_ref_decoder_loglik(x0, x0, log_scale).mean(axis=(1, 2, 3)) / LN2
 
 
-def test_calc_bpd_loop_with_oracle_float64(x64):
-  d = diffusion.make_diffusion(num_timesteps=SMALL_T, dtype=jnp.float64)
-  x0_np = _grid_x0(5)
-  x0 = jnp.asarray(x0_np)
-  out = likelihood.calc_bpd_loop(
-    d,
-    _oracle(d, x0),
-    x0,
-    jax.random.key(1),
-    clip_denoised=False,
-    model_mean_type='eps',
-    model_var_type='fixedsmall',
-  )
-  terms = np.asarray(out['terms_bpd'])
-  assert terms.dtype == np.float64
-  # KL of the true posterior to itself.
-  np.testing.assert_allclose(terms[:, 1:], 0.0, atol=1e-12)
-  np.testing.assert_allclose(terms[:, 0], _expected_decoder_bpd(x0_np, SMALL_T), rtol=1e-10)
-  np.testing.assert_allclose(out['mse'], 0.0, atol=1e-20)
-  np.testing.assert_allclose(
-    out['total_bpd'], terms[:, 0] + np.asarray(out['prior_bpd']), rtol=1e-12
-  )
-
-
-def test_calc_bpd_loop_with_oracle_float32(blind_run):
-  d, x0, key = blind_run.d, blind_run.x0, blind_run.key
+def test_calc_bpd_loop_with_oracle(blind_run, precision):
+  p = precision
+  d = diffusion.make_diffusion(num_timesteps=SMALL_T, dtype=p.dtype)
+  x0 = jnp.asarray(_grid_x0(4), p.dtype)  # blind_run's data, for the comparison below.
   # Eager this time (the shared run is jitted).
   out = likelihood.calc_bpd_loop(
     d,
     _oracle(d, x0),
     x0,
-    key,
+    blind_run.key,
     clip_denoised=False,
     model_mean_type='eps',
     model_var_type='fixedsmall',
   )
-  np.testing.assert_allclose(out['terms_bpd'][:, 1:], 0.0, atol=1e-4)
+  terms = np.asarray(out['terms_bpd'])
+  assert terms.dtype == p.dtype
+  # KL of the true posterior to itself.
+  np.testing.assert_allclose(terms[:, 1:], 0.0, atol=p.pick(float32=1e-4, float64=1e-12))
   np.testing.assert_allclose(
-    out['terms_bpd'][:, 0], _expected_decoder_bpd(np.asarray(x0, np.float64), SMALL_T), rtol=1e-4
+    terms[:, 0],
+    _expected_decoder_bpd(np.asarray(x0, np.float64), SMALL_T),
+    rtol=p.pick(float32=1e-4, float64=1e-10),
+  )
+  np.testing.assert_allclose(out['mse'], 0.0, atol=p.pick(float32=1e-12, float64=1e-20))
+  np.testing.assert_allclose(
+    out['total_bpd'],
+    terms[:, 0] + np.asarray(out['prior_bpd']),
+    rtol=p.pick(float32=1e-6, float64=1e-12),
   )
   # The exact denoiser has a lower bound than the poor one, by a wide margin.
   assert np.all(np.asarray(out['total_bpd']) < np.asarray(blind_run.out['total_bpd']) - 1.0)

@@ -10,7 +10,7 @@ here too, since it only rebuilds tables.
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +28,6 @@ RTOL = 1e-12
 TABLE_NAMES = tuple(
   f.name for f in dataclasses.fields(diffusion.Diffusion) if f.name not in ('timestep_map', 'spec')
 )
-
-
-@pytest.fixture
-def x64() -> Iterator[None]:
-  """Runs a test with jax_enable_x64 on, restoring the previous setting after."""
-  with jax.enable_x64(True):
-    yield
 
 
 # ---------------------------------------------------------------------------
