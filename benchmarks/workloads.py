@@ -60,6 +60,23 @@ def image_shape(config) -> tuple[int, int, int]:
   return (config.data.image_size, config.data.image_size, config.data.num_channels)
 
 
+def model_and_diffusion(config):
+  """(U-Net, diffusion, image shape) of `config`, as `inference.build_model_and_diffusion` builds them.
+
+  Built here from the models and the schedule alone: `inference` imports the
+  input pipeline and with it TensorFlow, which a GPU machine's Python may lack.
+  """
+  from ddpm_jax import diffusion  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.models import unet_from_config  # pylint: disable=g-import-not-at-top
+
+  shape = image_shape(config)
+  learned_variance = config.diffusion.model_var_type in ('learned', 'learned_range')
+  model = unet_from_config(config.model, out_channels=shape[-1] * (2 if learned_variance else 1))
+  dc = config.diffusion
+  d = diffusion.make_diffusion(dc.beta_schedule, dc.num_timesteps, dc.beta_start, dc.beta_end)
+  return model, d, shape
+
+
 def diffusers_unet_kwargs(
   model_config, image_size: int, in_channels: int, out_channels: int
 ) -> dict[str, Any]:
@@ -148,12 +165,11 @@ class JaxTrain:
 
   def __init__(self, config, batch: int, seed: int = 0):
     import jax  # pylint: disable=g-import-not-at-top
-    from ddpm_jax import inference  # pylint: disable=g-import-not-at-top
     from ddpm_jax import train_state as ts  # pylint: disable=g-import-not-at-top
 
     config = config.copy_and_resolve_references()
     config.training.batch_size = batch
-    self.model, d, shape = inference.build_model_and_diffusion(config)
+    self.model, d, shape = model_and_diffusion(config)
     self.state = jax.jit(
       functools.partial(ts.create_train_state, self.model, config, image_shape=shape)
     )(jax.random.key(seed))
@@ -186,9 +202,8 @@ class JaxForward:
 
   def __init__(self, config, batch: int, seed: int = 0):
     import jax  # pylint: disable=g-import-not-at-top
-    from ddpm_jax import inference  # pylint: disable=g-import-not-at-top
 
-    self.model, self.d, shape = inference.build_model_and_diffusion(config)
+    self.model, self.d, shape = model_and_diffusion(config)
     self.x = jax.random.normal(jax.random.key(seed + 1), (batch,) + shape)
     self.t = jax.random.randint(jax.random.key(seed + 2), (batch,), 0, self.d.num_timesteps)
     self.params = jax.jit(functools.partial(self.model.init, train=False))(

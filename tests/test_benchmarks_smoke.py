@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suite (`benchmarks/run.py --quick`), plus its helpers.
+"""Smoke tests of the benchmark suite (`run.py --quick`) and the GPU check (`device_check.py --smoke`).
 
 The quick run measures every row with tiny models; its numbers mean nothing,
 so nothing here is timed: the test checks that every row ran without error
@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
 import common  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import device_check  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import workloads  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import cifar10, fashion_mnist  # noqa: E402
@@ -205,3 +206,40 @@ def test_bfloat16_runs_both_networks_in_bfloat16():
   with torch.inference_mode(), torch_forward.autocast():
     assert torch_forward.model(torch_forward.x, torch_forward.t).sample.dtype == torch.bfloat16
   workloads.TorchTrain(config, 2)()  # the float32 loss over the bf16 output
+
+
+def test_device_check_smoke_runs_every_row(tmp_path):
+  # benchmarks/device_check.py --smoke: every row of the GPU check, tiny, on this machine.
+  out = tmp_path / 'device_check.json'
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'benchmarks', 'device_check.py'), '--smoke', '--out', out],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  with open(out) as f:
+    data = json.load(f)
+  names = [f'{kind}_{dtype}' for dtype in device_check.DTYPES for kind in device_check.KINDS]
+  assert list(data['rows']) == names
+  for name in names:
+    row = data['rows'][name]
+    for key in ('ratio', 'jax_images_per_s', 'torch_images_per_s', 'jax_tflops_per_s'):
+      assert _positive(row[key]), (name, key, row[key])
+    assert name in proc.stdout
+  flops = data['meta']['model_flops_per_image']
+  assert flops['train'] == 3 * flops['forward']
+  assert flops['sampling'] == data['settings']['sample_steps'] * flops['forward']
+
+
+@pytest.mark.parametrize('model_var_type', ['fixedlarge', 'learned_range'])
+def test_benchmark_models_are_the_trainers(model_var_type):
+  from ddpm_jax import inference  # pylint: disable=g-import-not-at-top
+
+  config = cifar10.get_config()
+  config.diffusion.model_var_type = model_var_type
+  model, d, shape = workloads.model_and_diffusion(config)
+  want_model, want_d, want_shape = inference.build_model_and_diffusion(config)
+  assert (model, shape) == (want_model, want_shape)
+  np.testing.assert_array_equal(d.betas, want_d.betas)
