@@ -49,7 +49,7 @@ class Sampler:
 
   Attributes:
     function: the chain, `function(d, model_fn, shape, rng, **keywords)`.
-    summary: what it does, in a few words (for error messages and --help).
+    summary: what it does, in a few words (for error messages).
     takes_num_steps: it makes `sampling.num_steps` model calls (else a fixed number).
     fields: (keyword of `function`, `sampling.*` field that gives it) pairs.
     check: raises ValueError for bad values of those keywords.
@@ -104,15 +104,11 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
-def describe() -> str:
-  """One line per sampler: its name and what it does."""
-  return '\n'.join(f'  {name}: {row.summary}' for name, row in SAMPLERS.items())
-
-
 def row(name: str) -> Sampler:
   """The row of `name`; ValueError naming the valid choices for any other."""
   if name not in SAMPLERS:
-    raise ValueError(f'Unknown sampler {name!r}; valid choices: {", ".join(SAMPLERS)}.')
+    choices = '; '.join(f'{choice} ({row.summary})' for choice, row in SAMPLERS.items())
+    raise ValueError(f'Unknown sampler {name!r}; valid choices: {choices}.')
   return SAMPLERS[name]
 
 

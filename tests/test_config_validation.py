@@ -42,8 +42,10 @@ def test_bad_choices_name_the_valid_ones_all_at_once():
     sampling__pc_snr=-1.0,
   )
   assert (
-    "sampling.sampler: Unknown sampler 'euler'; valid choices: ddpm, respaced, ddim, pc, "
-    'dpm_solver, unipc.' in message
+    "sampling.sampler: Unknown sampler 'euler'; valid choices: ddpm (all T ancestral steps "
+    '(the paper)); respaced (K ancestral steps of a respaced process); ddim (K DDIM steps); '
+    'pc (T ancestral steps, each after Langevin corrector steps); dpm_solver (K steps of '
+    'DPM-Solver++); unipc (K steps of UniPC).' in message
   )
   assert (
     'sampling.solver_order, sampling.dynamic_threshold, sampling.solver_final_sigma: '
