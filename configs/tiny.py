@@ -44,5 +44,7 @@ def get_config():
   config.eval.num_bpd_examples = 4
   config.eval.num_fid_samples = 8
   config.eval.domain_classifier_steps = 20
+  config.eval.inception_fid = False  # The Inception costs seconds per few images on 2 cores.
+  config.training.fid_num_samples = 8
   config.sampling.figures = False
   return config

@@ -69,6 +69,35 @@ def _check_conditioning(problems: list[str], config: ml_collections.ConfigDict) 
       problems.append(f'sampling.class_labels: {e}')
 
 
+def _check_fid(problems: list[str], config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Inception FID's fields: in training (training.fid_*) and in evaluation (eval.*)."""
+  training, ec = config.training, config.eval
+  if training.fid_every_steps < 0:
+    problems.append(
+      f'training.fid_every_steps must be >= 0 (0: never), got {training.fid_every_steps}.'
+    )
+  if training.fid_every_steps > 0:
+    n = training.fid_num_samples
+    if n < 2:
+      problems.append(f'training.fid_num_samples must be >= 2 (FID needs a covariance), got {n}.')
+    elif n % num_devices:
+      problems.append(
+        f'training.fid_num_samples={n} does not divide by the {num_devices} devices; use a '
+        f'multiple of {num_devices}.'
+      )
+  if ec.fid_reference_count < 0:
+    problems.append(
+      f'eval.fid_reference_count must be >= 0 (0: the whole split), got {ec.fid_reference_count}.'
+    )
+  if not ec.fid_reference_split:
+    problems.append("eval.fid_reference_split must name a split, e.g. 'train'.")
+  if ec.feature_extractor == 'inception' and not ec.inception_fid:
+    problems.append(
+      "eval.inception_fid=False contradicts eval.feature_extractor='inception', whose metric is "
+      "Inception FID; set feature_extractor='domain' to leave Inception out."
+    )
+
+
 def _resolve_conditioning(config: ml_collections.ConfigDict) -> None:
   """Fills a class-conditional model's unset sampling fields, so every reader gets one value."""
   if config.model.get('num_classes', 0) > 0:
@@ -172,7 +201,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _positive(problems, 'training.steps_per_call', training.steps_per_call)
   _positive(problems, 'training.log_every_steps', training.log_every_steps)
   _positive(problems, 'training.checkpoint_every_steps', training.checkpoint_every_steps)
-  for name in ('log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
+  for name in (
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'sample_every_steps',
+    'fid_every_steps',
+  ):
     every = training[name]
     if every > 0 and training.steps_per_call > 0 and every % training.steps_per_call:
       problems.append(
@@ -184,6 +218,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       f'training.num_sample_images={training.num_sample_images} does not divide '
       f'by the {num_devices} devices.'
     )
+  _check_fid(problems, config, num_devices)
 
   for sampler_field, steps_field in (('sampler', 'num_steps'), ('grid_sampler', 'grid_num_steps')):
     try:

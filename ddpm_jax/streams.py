@@ -22,6 +22,9 @@ class Stream(enum.IntEnum):
   # Class-label dropout of conditional training: folded into each training step's own key
   # (fold_in(seed key, step)), so the step's timestep, noise and dropout draws stay as they were.
   LABEL_DROPOUT = 2**31 - 6
+  # The samples of training's FID (the same key every time, as the grids'), so turning FID on
+  # changes no other draw.
+  FID = 2**31 - 7
 
 
 def key(seed: int, stream: Stream) -> jax.Array:

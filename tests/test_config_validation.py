@@ -76,6 +76,29 @@ def test_the_learning_rate_decay_must_end_after_the_warm_up():
   assert 'optim.final_lr_fraction must be in [0, 1], got 2.' in message
 
 
+def test_fid_fields_are_checked_naming_them():
+  message = _problems(
+    training__fid_every_steps=-1, eval__fid_reference_count=-5, eval__fid_reference_split=''
+  )
+  assert 'training.fid_every_steps must be >= 0 (0: never), got -1.' in message
+  assert 'eval.fid_reference_count must be >= 0 (0: the whole split), got -5.' in message
+  assert 'eval.fid_reference_split must name a split' in message
+  message = _problems(
+    training__steps_per_call=2, training__fid_every_steps=3, training__fid_num_samples=1
+  )
+  assert 'training.fid_every_steps=3 must be a multiple of training.steps_per_call=2.' in message
+  assert 'training.fid_num_samples must be >= 2 (FID needs a covariance), got 1.' in message
+  config = tiny.get_config()
+  config.training.fid_every_steps, config.training.fid_num_samples = 2, 6
+  with pytest.raises(config_validation.ConfigError, match='fid_num_samples=6 does not divide'):
+    config_validation.validate(config, num_devices=4)
+  config.training.fid_every_steps = 0  # Off: the sample count is not read.
+  config_validation.validate(config, num_devices=4)
+  config.eval.feature_extractor, config.eval.inception_fid = 'inception', False
+  with pytest.raises(config_validation.ConfigError, match='eval.inception_fid=False contradicts'):
+    config_validation.validate(config)
+
+
 def test_errors_are_one_family_under_every_name():
   assert config_validation.ConfigError is errors.ConfigError
   assert checkpointing.CheckpointError is errors.CheckpointError
