@@ -134,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_bpd_examples = 10_000  # Test images through the full bound.
   evaluation.num_fid_samples = 50_000
   evaluation.feature_extractor = 'inception'  # 'inception' | 'domain'.
-  # Inception FID by the reference protocol (docs/fid.md); with 'domain' features, beside their FD.
+  # 'domain' features: also Inception FID (docs/fid.md) beside their FD; 'inception' always has it.
   evaluation.inception_fid = True
   # Inception FID's reference statistics (cached): 50k samples against the train split is
   # CIFAR-10's convention; the count takes the split's first images, 0 = the whole split.

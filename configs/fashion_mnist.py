@@ -67,8 +67,7 @@ def get_config():
   config.eval.num_bpd_examples = 50
   config.eval.num_fid_samples = 1000
   config.eval.feature_extractor = 'domain'
-  # Inception FID against the whole test split, beside the domain FD: 28x28 gray is far from
-  # ImageNet, so the domain FD judges it better, but only Inception FID compares with others.
-  config.eval.inception_fid = True
+  # Inception FID (eval.inception_fid) against the whole test split, beside the domain FD: 28x28
+  # gray is far from ImageNet, so the domain FD judges it better, but only FID compares with others.
   config.eval.fid_reference_split = 'test'
   return config

@@ -91,11 +91,6 @@ def _check_fid(problems: list[str], config: ml_collections.ConfigDict, num_devic
     )
   if not ec.fid_reference_split:
     problems.append("eval.fid_reference_split must name a split, e.g. 'train'.")
-  if ec.feature_extractor == 'inception' and not ec.inception_fid:
-    problems.append(
-      "eval.inception_fid=False contradicts eval.feature_extractor='inception', whose metric is "
-      "Inception FID; set feature_extractor='domain' to leave Inception out."
-    )
 
 
 def _resolve_conditioning(config: ml_collections.ConfigDict) -> None:
