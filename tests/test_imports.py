@@ -33,7 +33,7 @@ RANKS = [
   {'models'},
   {'datasets'},
   {'input_pipeline', 'metrics'},
-  {'train_state', 'config_validation'},
+  {'train_state', 'config_validation', 'inception_fid'},
   {'checkpointing'},
   {'inference'},
   {'train', 'sample', 'evaluate'},

@@ -1,5 +1,6 @@
 """--mode=sample and --mode=eval on a tiny trained model: outputs, determinism, resume."""
 
+import functools
 import json
 import os
 import shutil
@@ -13,10 +14,13 @@ from PIL import Image
 from ddpm_jax import checkpointing
 from ddpm_jax import evaluate
 from ddpm_jax import images as images_lib
+from ddpm_jax import inception_fid
 from ddpm_jax import inference
 from ddpm_jax import sample
 from ddpm_jax import sampling
 from ddpm_jax import train
+from ddpm_jax.metrics import fid
+from ddpm_jax.metrics import frechet
 from trainer_harness import tiny_config as make_config
 from trainer_harness import write_fake_fashion_mnist
 
@@ -197,6 +201,52 @@ def test_missing_inception_weights_is_a_clear_error(trained, tmp_path):
     evaluate.evaluate_sample_quality(
       config, inference.load_inference_model(config, workdir), workdir
     )
+
+
+def test_eval_reports_inception_fid_with_its_reference_and_caches_the_statistics(
+  trained, tmp_path, monkeypatch
+):
+  config, workdir = trained
+  workdir = _copy_workdir(workdir, tmp_path)
+  config = config.copy_and_resolve_references()
+  cache = tmp_path / 'fid_cache'
+  monkeypatch.setenv(fid.CACHE_ENV, str(cache))
+  # sqrtm of a 2048 x 2048 product takes a minute on 2 cores; eigh gives the same value.
+  exact = frechet.frechet_distance
+  monkeypatch.setattr(frechet, 'frechet_distance', functools.partial(exact, method='eigh'))
+  # Fashion-MNIST's shape: the domain FD, and Inception FID beside it.
+  config.eval.inception_fid = True
+  config.eval.fid_reference_split = 'test'
+  config.eval.fid_reference_count = 12
+  results = evaluate.evaluate(config, workdir)
+  saved = json.load(open(os.path.join(workdir, 'eval', f'step_{results["step"]}.json')))
+  quality = saved['sample_quality']
+  assert quality['comparable_with_inception_fid'] is False and quality['fd_vs_test'] > 0
+  assert 0 < quality['fid'] < float('inf')
+  assert quality['fid_protocol_id'] == fid.PROTOCOL_ID
+  assert quality['fid_weights'] == fid.PROTOCOL['weights'] == quality['fid_protocol']['weights']
+  assert (quality['fid_reference_split'], quality['fid_reference_count']) == ('test', 12)
+  assert quality['fid_num_samples'] == quality['num_samples'] == config.eval.num_fid_samples
+  assert quality['inception_score'] is None and 'pool3' in quality['inception_score_reason']
+  stats = fid.statistics_path('fashion_mnist_local-resize', 'test', 16, 12, str(cache))
+  mtime = os.stat(stats).st_mtime_ns
+
+  # Inception as the metric: the same samples and cached statistics give the same FID, and KID.
+  config.eval.feature_extractor = 'inception'
+  im = inference.load_inference_model(config, workdir)
+  again = evaluate.evaluate_sample_quality(config, im, workdir)
+  assert again['metric'] == 'FID' and again['fid'] == quality['fid']
+  assert np.isfinite(again['kid_vs_test']) and again['inception_score'] is None
+  assert os.stat(stats).st_mtime_ns == mtime
+  # The cache holds the converted weights and the one reference file.
+  assert sorted(os.listdir(cache)) == sorted(
+    [os.path.basename(stats), f'inception_{fid.PROTOCOL_ID}.npz']
+  )
+
+  # More reference images than the split has: the message names the field.
+  config.eval.fid_reference_count = 100
+  with pytest.raises(ValueError, match='eval.fid_reference_count=100, but .* has 16 images'):
+    inception_fid.InceptionFID(config)
 
 
 def test_sampler_quality_benchmark_runs_pairs_and_resumes(trained, tmp_path):
