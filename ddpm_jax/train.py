@@ -14,9 +14,16 @@ failing checkpoint, non-finite steps and object storage is in
 docs/reliability.md, with the test that proves each.
 
 Per-step metrics go to `workdir/metrics.jsonl` (one JSON object per step:
-step, loss, grad_norm, learning_rate, finite), written at log steps; on
-resume the lines after the restored step are dropped, so the file always
-describes the history of the checkpointed state.
+step, loss, grad_norm, learning_rate, finite, and fid at FID steps), written
+at log steps; on resume the lines after the restored step are dropped, so the
+file always describes the history of the checkpointed state.
+
+With `training.fid_every_steps` > 0, Inception FID of
+`training.fid_num_samples` EMA samples (the configured sampler, on the FID
+key stream) against `eval.fid_reference_split`'s cached statistics goes to
+TensorBoard and metrics.jsonl, with its cost in seconds to TensorBoard and the
+log. It reads only the EMA parameters and its own key, so a run with FID ends
+in the same state, bit for bit, as one without.
 """
 
 import contextlib
@@ -42,6 +49,7 @@ from ddpm_jax import errors
 from ddpm_jax import files
 from ddpm_jax import gcs
 from ddpm_jax import images as images_lib
+from ddpm_jax import inception_fid
 from ddpm_jax import inference
 from ddpm_jax import input_pipeline
 from ddpm_jax import sharding as sharding_lib
@@ -166,8 +174,13 @@ class _MetricsLog:
         kept.append(json.dumps(record))
     files.write_text(self.path, ''.join(line + '\n' for line in kept))
 
-  def append(self, first_step: int, per_step: dict[str, np.ndarray]) -> None:
-    """Writes one record per step: `first_step`, first_step + 1, ..."""
+  def append(
+    self,
+    first_step: int,
+    per_step: dict[str, np.ndarray],
+    extra: dict[int, dict[str, float]] | None = None,
+  ) -> None:
+    """Writes one record per step: `first_step`, first_step + 1, ...; `extra[step]` joins its own."""
     if not self._enabled:
       return
     names = sorted(per_step)
@@ -176,9 +189,74 @@ class _MetricsLog:
     for i in range(count):
       record = {'step': first_step + i}
       record.update({name: float(per_step[name][i]) for name in names})
+      record.update((extra or {}).get(first_step + i, {}))
       lines.append(json.dumps(record) + '\n')
     # One append (on object storage, one server-side compose) per log step.
     files.append_text(self.path, ''.join(lines))
+
+
+class _TrainingFID:
+  """Inception FID of EMA samples during training, apart from the training randomness.
+
+  Samples come from the configured sampler (`sampling.sampler`, `num_steps`;
+  a class-conditional model's with `sampling.class_labels` at
+  `sampling.guidance_scale`) in batches of at most `sampling.batch_size`,
+  batch i with fold_in(FID stream key, i): the same key at every FID step, as
+  the grids'. Every process samples its shard and gets all samples back; each
+  measures them on its own devices. The Inception weights and the reference
+  statistics are loaded (or computed and cached) at the first call.
+  """
+
+  def __init__(self, config, model, d, image_shape, mesh):
+    self._config = config
+    self._num_samples = config.training.fid_num_samples
+    self._batch = min(config.sampling.batch_size, self._num_samples)
+    self._num_batches = -(-self._num_samples // self._batch)
+    self._sample_fn = inference.make_sample_fn(
+      model,
+      d,
+      config,
+      (self._batch,) + image_shape,
+      sampler=config.sampling.sampler,
+      num_steps=config.sampling.num_steps,
+      mesh=mesh,
+    )
+    self._labels = None
+    if config.model.num_classes > 0:
+      self._labels = inference.class_labels(config, self._num_batches * self._batch)
+    self._key = streams.key(config.seed, streams.Stream.FID)
+    self._measure = None
+
+  def __call__(self, step: int, ema_params) -> dict[str, float]:
+    """{'fid', 'fid_sampling_seconds', 'fid_features_seconds'} of the EMA parameters at `step`."""
+    if self._measure is None:
+      start = time.time()
+      self._measure = inception_fid.InceptionFID(self._config)
+      logging.info(
+        'FID: Inception weights and reference statistics (%s, %s images) ready in %.1f s.',
+        self._measure.reference['fid_reference_split'],
+        self._measure.reference['fid_reference_count'],
+        time.time() - start,
+      )
+    start = time.time()
+    batches = []
+    for i in range(self._num_batches):
+      key = jax.random.fold_in(self._key, i)
+      if self._labels is None:
+        images = self._sample_fn(ema_params, key)
+      else:
+        labels = self._labels[i * self._batch : (i + 1) * self._batch]
+        images = self._sample_fn(ema_params, key, labels, self._config.sampling.guidance_scale)
+      # Every process takes part in the gather and gets every sample.
+      batches.append(images_lib.to_uint8(sharding_lib.gather_to_hosts(images, f'fid_{step}')))
+    samples = np.concatenate(batches)[: self._num_samples]
+    sampled = time.time()
+    value = self._measure(samples)['fid']
+    return {
+      'fid': value,
+      'fid_sampling_seconds': sampled - start,
+      'fid_features_seconds': time.time() - sampled,
+    }
 
 
 @jax.jit
@@ -327,6 +405,10 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
       mesh=mesh,
     )
 
+  fid = None
+  if tc.fid_every_steps > 0:
+    fid = _TrainingFID(config, model, d, image_shape, mesh)
+
   data = input_pipeline.make_train_iterator(
     config,
     start_step=start_step,
@@ -349,6 +431,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
   last_step = tc.num_train_steps
   step = start_step
   pending: list[dict[str, jax.Array]] = []  # Per-step metrics, on device until a log step.
+  fid_records: dict[int, dict[str, float]] = {}  # FID by step, until the step's record is written.
   last_metrics: dict[str, float] = {}
   timer = (step, time.time())
   logging.info(
@@ -372,11 +455,27 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
       # step // k counts calls, the consecutive ids the multi-process sync point needs.
       preempted = preemption.reached(step // k)
 
+      if fid is not None and _is_due(step, tc.fid_every_steps, last_step):
+        measured = fid(step, state.ema_params)
+        fid_records[step] = {'fid': measured['fid']}
+        writer.write_scalars(step, measured)
+        logging.info(
+          'step %d  FID %.4g of %d samples (sampling %.1f s, features %.1f s)',
+          step,
+          measured['fid'],
+          tc.fid_num_samples,
+          measured['fid_sampling_seconds'],
+          measured['fid_features_seconds'],
+        )
+        # Measuring is not training: its time stays out of steps/s.
+        seconds = measured['fid_sampling_seconds'] + measured['fid_features_seconds']
+        timer = (timer[0], timer[1] + seconds)
+
       if _is_due(step, tc.log_every_steps, last_step) or preempted:
         last_metrics = _log(
-          step, last_step, pending, state, timer, writer, metrics_log, tc, throughput
+          step, last_step, pending, state, timer, writer, metrics_log, tc, throughput, fid_records
         )
-        pending, timer = [], (step, time.time())
+        pending, timer, fid_records = [], (step, time.time()), {}
         ckpt.poll()  # A failed background save stops the run here, not a save later.
         check_lock()
 
@@ -418,14 +517,14 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
 
 
 def _log(
-  step, last_step, pending, state, timer, writer, metrics_log, tc, throughput
+  step, last_step, pending, state, timer, writer, metrics_log, tc, throughput, extra
 ) -> dict[str, float]:
-  """Writes the per-step metrics since the last log step; stops a diverged run."""
+  """Writes the per-step metrics since the last log step (with `extra`'s); stops a diverged run."""
   # One transfer for everything since the last log step.
   per_call, nonfinite_in_a_row = jax.device_get((pending, state.nonfinite_in_a_row))
   per_step = {name: np.concatenate([m[name] for m in per_call]) for name in per_call[0]}
   count = len(per_step['loss'])
-  metrics_log.append(step - count + 1, per_step)
+  metrics_log.append(step - count + 1, per_step, extra)
   finite = per_step['finite'] > 0
   # Means over the applied steps: a skipped step's NaN would hide the others.
   metrics = {
