@@ -42,7 +42,7 @@ _MUST_MATCH_ON_RESUME = ('model', 'diffusion')
 # function with the same parameters.
 _MAY_DIFFER_ON_RESUME = ('model.layers',)
 # Fields added after checkpoints were written: one without the field was made with this value.
-_ADDED_FIELDS = {'model.num_classes': 0, 'model.class_dropout': 0.1}
+_ADDED_FIELDS = {'model.num_classes': 0, 'model.class_dropout': 0.1, 'diffusion.kind': 'ddpm'}
 
 
 def abstract_train_state(model, config: ml_collections.ConfigDict, image_shape, mesh) -> Any:
