@@ -26,6 +26,7 @@ RANKS = [
   {'losses'},
   {'chain'},
   {'guidance', 'solvers', 'edm'},
+  {'ode_likelihood'},
   {'sampling'},
   {'sampler_table'},
   # Networks, their kernels, data and metrics know nothing of diffusion.
