@@ -233,6 +233,32 @@ def test_device_check_smoke_runs_every_row(tmp_path):
   assert flops['sampling'] == data['settings']['sample_steps'] * flops['forward']
 
 
+def test_ode_vs_bound_smoke_reports_both_bits_per_dim(tmp_path):
+  # benchmarks/ode_vs_bound.py --smoke: a tiny conditional U-Net, the bound and the ODE on 4 images.
+  out = tmp_path / 'ode_vs_bound.json'
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'benchmarks', 'ode_vs_bound.py'),
+      '--smoke',
+      f'--json={out}',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  with open(out) as f:
+    data = json.load(f)
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == data
+  assert data['num_images'] == 4 and data['machine']
+  for name in ('bound', 'ode'):
+    assert _positive(data[name]['bpd']) and _positive(data[name]['wall_s']), data[name]
+  assert data['ode']['denoiser_calls_per_image'] == 2 * data['ode_settings']['num_steps']
+  assert math.isfinite(data['ode_minus_bound']['bpd'])
+
+
 @pytest.mark.parametrize('model_var_type', ['fixedlarge', 'learned_range'])
 def test_benchmark_models_are_the_trainers(model_var_type):
   from ddpm_jax import inference  # pylint: disable=g-import-not-at-top
