@@ -231,18 +231,19 @@ def _combine(state: tuple, h: Array, slopes: list, weights: tuple) -> tuple:
   return jax.tree.map(leaf, state, *slopes)
 
 
-# Dormand & Prince (1980), the tableau of scipy's RK45: nodes, stages, 5th-order
-# weights, and the 5th- minus the embedded 4th-order weights (the last for f(y_new)).
-_DP_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
-_DP_A = (
-  (1 / 5,),
-  (3 / 40, 9 / 40),
-  (44 / 45, -56 / 15, 32 / 9),
-  (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-  (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-)
-_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
-_DP_E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
+# Dormand & Prince (1980), the tableau of scipy's RK45. Row j of _DP_A makes stage
+# j's point from the slopes before it; its last row is the 5th-order weights, so
+# the last stage is f(y_new), the next step's first (FSAL). _DP_E: the 5th- minus
+# the embedded 4th-order weights.
+_DP_C = np.array([0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1])
+_DP_A = np.zeros((7, 7))
+_DP_A[1, :1] = [1 / 5]
+_DP_A[2, :2] = [3 / 40, 9 / 40]
+_DP_A[3, :3] = [44 / 45, -56 / 15, 32 / 9]
+_DP_A[4, :4] = [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729]
+_DP_A[5, :5] = [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]
+_DP_A[6, :6] = [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]
+_DP_E = np.array([-71 / 57600, 0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40])
 
 
 def _rms(tree: tuple, scale: tuple) -> Array:
@@ -251,16 +252,25 @@ def _rms(tree: tuple, scale: tuple) -> Array:
   return jnp.sqrt(sum(jnp.sum(p) for p in parts) / sum(p.size for p in parts))
 
 
+def _weighted(state: tuple, h: Array, weights: Array, slopes: tuple) -> tuple:
+  """state + h * sum_i weights[i] slopes[i], with the slopes stacked on a leading axis."""
+  return jax.tree.map(lambda y, k: y + h * jnp.tensordot(weights, k, axes=1), state, slopes)
+
+
 def _rk45(
   dynamics: Callable, state: tuple, t0: float, t1: float, rtol: float, atol: float, max_steps: int
 ) -> tuple[tuple, Array, Array]:
   """Dormand-Prince 5(4) from t0 to t1 with scipy's step control, under `lax.while_loop`.
+
+  The six new stages of a step run in a `fori_loop`, so the network is
+  compiled twice (there and for the first slope), not seven times.
 
   Returns the state at t1, the number of dynamics calls, and whether t1 was
   reached within max_steps tries.
   """
   dtype = state[0].dtype
   t0, t1 = jnp.asarray(t0, dtype), jnp.asarray(t1, dtype)
+  tableau, nodes, error_weights = (jnp.asarray(a, dtype) for a in (_DP_A, _DP_C, _DP_E))
   k1 = dynamics(state, t0)
   scale = jax.tree.map(lambda y: atol + rtol * jnp.abs(y), state)
   # scipy's first guess without its extra call: 1% of the state's size over its slope's.
@@ -271,12 +281,15 @@ def _rk45(
     t, y, k1, h, tries, calls = carry
     last = h >= t1 - t
     h = jnp.where(last, t1 - t, h)
-    slopes = [k1]
-    for c, a in zip(_DP_C, _DP_A):
-      slopes.append(dynamics(_combine(y, h, slopes, a), t + c * h))
-    y_new = _combine(y, h, slopes, _DP_B)
-    k7 = dynamics(y_new, t + h)
-    error = _combine(jax.tree.map(jnp.zeros_like, y), h, slopes + [k7], _DP_E)
+    slopes = jax.tree.map(lambda k: jnp.zeros((7,) + k.shape, k.dtype).at[0].set(k), k1)
+
+    def stage(j, slopes):
+      k = dynamics(_weighted(y, h, tableau[j], slopes), t + nodes[j] * h)
+      return jax.tree.map(lambda ks, kj: ks.at[j].set(kj), slopes, k)
+
+    slopes = jax.lax.fori_loop(1, 7, stage, slopes)
+    y_new = _weighted(y, h, tableau[6], slopes)
+    error = _weighted(jax.tree.map(jnp.zeros_like, y), h, error_weights, slopes)
     bound = jax.tree.map(lambda a, b: atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)), y, y_new)
     norm = _rms(error, bound)
     accept = norm <= 1.0
@@ -285,6 +298,7 @@ def _rk45(
     def keep(new, old):
       return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
 
+    k7 = jax.tree.map(lambda ks: ks[6], slopes)
     t_new = jnp.where(accept, jnp.where(last, t1, t + h), t)
     return t_new, keep(y_new, y), keep(k7, k1), h * factor, tries + 1, calls + 6
 

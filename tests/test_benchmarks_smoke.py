@@ -256,6 +256,7 @@ def test_ode_vs_bound_smoke_reports_both_bits_per_dim(tmp_path):
   for name in ('bound', 'ode'):
     assert _positive(data[name]['bpd']) and _positive(data[name]['wall_s']), data[name]
   assert data['ode']['denoiser_calls_per_image'] == 2 * data['ode_settings']['num_steps']
+  assert data['ode_settings']['solver'] == 'heun'
   assert math.isfinite(data['ode_minus_bound']['bpd'])
 
 
