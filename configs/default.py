@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The diffusion process and objective (ddpm_jax/diffusion.py).
   config.diffusion = diffusion = ml_collections.ConfigDict()
+  # 'ddpm': the discrete process below (Ho et al. 2020). 'edm': Karras et al. 2022's
+  # preconditioned denoiser and loss (the `edm` block; docs/edm.md), sampled with 'edm' only.
+  diffusion.kind = 'ddpm'
   diffusion.beta_schedule = 'linear'
   diffusion.beta_start = 1e-4
   diffusion.beta_end = 0.02
@@ -58,6 +61,20 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.loss_type = 'mse'  # 'mse' (L_simple) | 'kl' (true bound) | 'hybrid'.
   diffusion.vlb_weight = 0.001  # lambda of the hybrid loss.
   diffusion.min_snr_gamma = 0.0  # > 0 weights the MSE by min-SNR-gamma; 0 = off.
+
+  # EDM (diffusion.kind='edm', ddpm_jax/edm.py), Karras et al. 2022's CIFAR-10 values.
+  config.edm = edm = ml_collections.ConfigDict()
+  # The data's standard deviation: the preconditioning keeps the network's input and target at
+  # unit variance for it (0.5 for images in [-1, 1]).
+  edm.sigma_data = 0.5
+  # Training noise levels ln(sigma) ~ N(P_mean, P_std^2): most weight where the loss can still fall.
+  edm.P_mean = -1.2
+  edm.P_std = 1.2
+  # The 'edm' sampler's noise range and spacing (EDM Eq. 5; rho = 7 puts steps at low noise). A
+  # DDPM model's range is cut to its process's [sigma_0, sigma_{T-1}], as NVlabs/edm's sampler does.
+  edm.sigma_min = 0.002
+  edm.sigma_max = 80.0
+  edm.rho = 7.0
 
   # Optimizer (Adam with linear warm-up, optional cosine decay, global-norm clipping) and EMA.
   config.optim = optim = ml_collections.ConfigDict()
@@ -75,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Use min(ema_decay, (1 + step) / (10 + step)) so short runs' EMA is not
   # dominated by the random initialisation. The paper's long runs did not.
   optim.ema_warmup = False
+  # > 0: the EMA's half-life in training images (EDM's convention), i.e. a per-step decay of
+  # 0.5 ** (batch_size / ema_halflife_images) in place of ema_decay; with ema_warmup, EDM's
+  # ramp-up (half-life <= 0.05 x images seen). 0 = off (ema_decay).
+  optim.ema_halflife_images = 0.0
 
   # Training loop (ddpm_jax/train.py).
   config.training = training = ml_collections.ConfigDict()
@@ -97,9 +118,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Sampling (--mode=sample and the periodic grids).
   config.sampling = sampling = ml_collections.ConfigDict()
   # A name of ddpm_jax/sampler_table.py's table: 'ddpm' (ancestral, T steps) | 'respaced' |
-  # 'ddim' | 'pc' (predictor-corrector) | 'dpm_solver' | 'unipc' (ODE solvers).
+  # 'ddim' | 'pc' (predictor-corrector) | 'dpm_solver' | 'unipc' (ODE solvers) | 'edm' (EDM's
+  # Heun sampler: the only one for diffusion.kind='edm'; on a DDPM model too).
   sampling.sampler = 'ddpm'
-  sampling.num_steps = 100  # Model calls of 'respaced', 'ddim' and the ODE solvers.
+  # Model calls of 'respaced', 'ddim' and the ODE solvers; Heun steps N of 'edm' (2N - 1 calls).
+  sampling.num_steps = 100
   sampling.solver_order = 2  # Order of 'dpm_solver' and 'unipc': 1, 2 or 3.
   # The ODE solvers' end: 'zero' denoises to x_0 in the last step (diffusers' default); 'min'
   # stops at timestep 0's noise level and returns x there (DPM-Solver's own code).
@@ -112,6 +135,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 'pc': Langevin corrector steps before each ancestral step, and their signal-to-noise ratio.
   sampling.pc_corrector_steps = 1
   sampling.pc_snr = 0.16
+  # 'edm': EDM's churn (Algorithm 2): S_churn > 0 adds noise back at levels in [S_min, S_max],
+  # scaled by S_noise; 0 = the deterministic probability-flow ODE.
+  sampling.edm_S_churn = 0.0
+  sampling.edm_S_min = 0.0
+  sampling.edm_S_max = float('inf')
+  sampling.edm_S_noise = 1.0
   sampling.clip_denoised = True
   sampling.num_samples = 50_000
   sampling.batch_size = 256

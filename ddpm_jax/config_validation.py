@@ -69,6 +69,33 @@ def _check_conditioning(problems: list[str], config: ml_collections.ConfigDict) 
       problems.append(f'sampling.class_labels: {e}')
 
 
+def _check_edm(problems: list[str], config: ml_collections.ConfigDict) -> None:
+  """The `edm` block, and a kind='edm' model's DDPM-only settings, which it cannot use."""
+  dc, edm = config.diffusion, config.edm
+  for name in ('sigma_data', 'P_std', 'sigma_min', 'sigma_max', 'rho'):
+    _positive(problems, f'edm.{name}', edm[name])
+  if 0 < edm.sigma_min and not edm.sigma_min < edm.sigma_max:
+    problems.append(
+      f'edm.sigma_min={edm.sigma_min} must be < edm.sigma_max={edm.sigma_max} (the noise range).'
+    )
+  if dc.kind != 'edm':
+    return
+  why = "diffusion.kind='edm' trains EDM's preconditioned denoiser with its own loss"
+  defaults = (
+    ('loss_type', 'mse', 'a DDPM objective'),
+    ('model_mean_type', 'eps', 'a DDPM output'),
+    ('min_snr_gamma', 0.0, "DDPM's loss weighting"),
+  )
+  for field, default, what in defaults:
+    if dc[field] != default:
+      problems.append(f'diffusion.{field}={dc[field]!r} is {what}; {why}: leave it at {default!r}.')
+  if dc.model_var_type in ('learned', 'learned_range'):
+    problems.append(
+      f"diffusion.model_var_type={dc.model_var_type!r} learns DDPM's reverse variances; {why} "
+      "and samples by an ODE: use 'fixedlarge'."
+    )
+
+
 def _check_fid(problems: list[str], config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Inception FID's fields: in training (training.fid_*) and in evaluation (eval.*)."""
   training, ec = config.training, config.eval
@@ -159,6 +186,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
           f'model.attn_resolutions has {r}, but the U-Net only has the resolutions {resolutions}.'
         )
 
+  kind = dc.get('kind', 'ddpm')
+  _choice(problems, 'diffusion.kind', kind, sampler_table.KINDS)
+  if kind in sampler_table.KINDS:
+    _check_edm(problems, config)
   _choice(problems, 'diffusion.beta_schedule', dc.beta_schedule, schedules.BETA_SCHEDULES)
   _choice(problems, 'diffusion.model_mean_type', dc.model_mean_type, diffusion_lib.MODEL_MEAN_TYPES)
   _choice(problems, 'diffusion.model_var_type', dc.model_var_type, diffusion_lib.MODEL_VAR_TYPES)
@@ -185,6 +216,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     problems.append(f'optim.final_lr_fraction must be in [0, 1], got {optim.final_lr_fraction}.')
   if not 0.0 <= optim.ema_decay < 1.0:
     problems.append(f'optim.ema_decay must be in [0, 1), got {optim.ema_decay}.')
+  if not optim.get('ema_halflife_images', 0.0) >= 0:
+    problems.append(
+      f'optim.ema_halflife_images must be >= 0 (0: use optim.ema_decay), got '
+      f'{optim.ema_halflife_images}.'
+    )
 
   _positive(problems, 'training.batch_size', training.batch_size)
   if training.batch_size > 0 and training.batch_size % num_devices:
@@ -217,7 +253,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
   for sampler_field, steps_field in (('sampler', 'num_steps'), ('grid_sampler', 'grid_num_steps')):
     try:
-      sampler_table.check(smp[sampler_field], smp[steps_field], dc.num_timesteps)
+      sampler_table.check(
+        smp[sampler_field],
+        smp[steps_field],
+        dc.num_timesteps,
+        kind if kind in sampler_table.KINDS else 'ddpm',
+      )
     except ValueError as e:
       problems.append(f'sampling.{sampler_field}: {e}')
   problems.extend(sampler_table.field_problems(smp))

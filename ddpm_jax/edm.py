@@ -16,6 +16,8 @@ training/networks.py).
   * `sample`: Algorithm 2 (Heun, Euler on the last step, optional churn).
   * `denoiser_from_diffusion`: D of a model trained as a discrete DDPM, so
     `sample` also runs on every model this project has trained.
+  * `sample_loop`: `sample` on either kind of model, as the sampler table's
+    'edm' row (ddpm_jax/sampler_table.py).
 
 Signatures. A denoiser is `denoiser(x, sigma, *args) -> D`: x [B, ...],
 sigma a scalar or one level per example [B], D of x's shape and dtype; the
@@ -414,3 +416,94 @@ def denoiser_from_diffusion(
     return x - column * eps
 
   return denoiser
+
+
+# ---------------------------------------------------------------------------
+# The sampler table's chain.
+
+
+def check_options(*, S_churn: Any, S_min: Any, S_max: Any, S_noise: Any) -> None:
+  """Raises ValueError for churn settings `sample` refuses (the 'edm' row's check)."""
+  _check_churn(S_churn, S_min, S_max, S_noise)
+
+
+def process_sigma_range(d: diffusion_lib.Diffusion) -> tuple[float, float]:
+  """(sigma_0, sigma_{T-1}) of a discrete process: the levels its model was trained at."""
+  levels = np.asarray(jax.device_get(d.sqrt_recipm1_alphas_cumprod), np.float64)
+  return float(levels[0]), float(levels[-1])
+
+
+def sample_loop(
+  d: diffusion_lib.Diffusion | None,
+  model_fn: Callable[..., Array],
+  shape: Any,
+  rng: Array,
+  *,
+  num_steps: int,
+  sigma_min: float = 0.002,
+  sigma_max: float = 80.0,
+  rho: float = 7.0,
+  S_churn: float = 0.0,
+  S_min: float = 0.0,
+  S_max: float = float('inf'),
+  S_noise: float = 1.0,
+  sigma_data: float | None = None,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+  clip_denoised: bool = True,
+) -> Array:
+  """`sample` with the signature of the project's other chains, on either kind of model.
+
+  A DDPM model (sigma_data None): `model_fn(x_t, t)` of the process `d`, made a denoiser
+  by `denoiser_from_diffusion`; the noise range is cut to the levels it was trained at,
+  [max(sigma_min, sigma_0), min(sigma_max, sigma_{T-1})], as NVlabs/edm's `edm_sampler`
+  cuts it to a network's supported range. An EDM model (sigma_data given):
+  `model_fn(x_in, c_noise)` is the raw network, preconditioned by `precondition`; `d` is
+  not used. Either `model_fn` may be classifier-free guided (`guidance.guided_model_fn`):
+  its weights sum to one, so guiding F (or eps) is guiding D.
+
+  Args:
+    d: the DDPM model's process; None (or anything) for an EDM model.
+    model_fn: see above.
+    shape: static sample shape (B, ...).
+    rng: a PRNG key.
+    num_steps: Heun steps N (2N - 1 model calls).
+    sigma_min, sigma_max, rho: the noise levels of `sigma_steps`.
+    S_churn, S_min, S_max, S_noise: the churn of `sample`.
+    sigma_data: an EDM model's data standard deviation; None for a DDPM model.
+    model_mean_type, model_var_type: a DDPM model's outputs.
+    clip_denoised: not used: EDM's sampler integrates the ODE unclipped.
+
+  Returns:
+    The sample at sigma = 0, float32 `shape`.
+
+  Raises:
+    ValueError: for bad settings, or a noise range outside the DDPM process's levels.
+  """
+  del clip_denoised
+  if sigma_data is not None:
+    denoiser = precondition(model_fn, sigma_data=sigma_data)
+  else:
+    lowest, highest = process_sigma_range(d)
+    if not (sigma_min < highest and sigma_max > lowest):
+      raise ValueError(
+        f'the noise range [{sigma_min:g}, {sigma_max:g}] misses the levels the DDPM model was '
+        f'trained at, [{lowest:.4g}, {highest:.4g}].'
+      )
+    sigma_min, sigma_max = max(sigma_min, lowest), min(sigma_max, highest)
+    denoiser = denoiser_from_diffusion(
+      d, model_fn, model_mean_type=model_mean_type, model_var_type=model_var_type
+    )
+  return sample(
+    denoiser,
+    shape,
+    rng,
+    num_steps=num_steps,
+    sigma_min=sigma_min,
+    sigma_max=sigma_max,
+    rho=rho,
+    S_churn=S_churn,
+    S_min=S_min,
+    S_max=S_max,
+    S_noise=S_noise,
+  )

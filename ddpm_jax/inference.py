@@ -55,10 +55,29 @@ def model_output_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   )
 
 
+def kind_of(config: ml_collections.ConfigDict) -> str:
+  """The model's `diffusion.kind`: 'ddpm' or 'edm' (configs without the field are 'ddpm')."""
+  return config.diffusion.get('kind', 'ddpm')
+
+
+def sampler_options(config: ml_collections.ConfigDict, sampler: str) -> dict[str, Any]:
+  """The keywords the named sampler takes about the model and from blocks beside `sampling`.
+
+  A DDPM model's are `model_output_options`; an EDM model's is its sigma_data (the 'edm' row
+  then preconditions the raw network). The 'edm' row adds its noise range (`edm.*`).
+  """
+  if kind_of(config) == 'edm':
+    options = dict(sigma_data=config.edm.sigma_data)
+  else:
+    options = model_output_options(config)
+  return dict(options, **sampler_table.config_keywords(sampler, config))
+
+
 def make_model_fn(model: nn.Module, params: Any, mesh=None) -> Callable:
   """`model_fn(x_t, t)` for evaluation (no dropout), optionally pinned to the mesh.
 
-  A class-conditional model's is `model_fn(x_t, t, y)`, y int labels [B].
+  A class-conditional model's is `model_fn(x_t, t, y)`, y int labels [B]. An EDM
+  model's t is its float c_noise = ln(sigma) / 4 (the U-Net's timestep input).
   """
 
   def model_fn(x_t, t, y=None):
@@ -106,7 +125,9 @@ def sampling_model_fn(
 
   This is the one place where a class-conditional model becomes a guided
   `model_fn` (`guidance.guided_model_fn`); an unconditional model's is
-  `make_model_fn`'s.
+  `make_model_fn`'s. An EDM model's is its raw network F(x_in, c_noise),
+  guided alike: EDM's D = c_skip x + c_out F is affine in F, so
+  F_u + s (F_c - F_u) gives D = D_u + s (D_c - D_u), the guided denoiser.
 
   Raises:
     ValueError: a conditional model without labels or scale, an
@@ -149,8 +170,8 @@ def sample(
   Args:
     model: the U-Net.
     params: its parameters (the EMA ones for evaluation).
-    d: the process it was trained with.
-    config: the experiment config (uses `diffusion` and `sampling`).
+    d: the process it was trained with (unused by an EDM model).
+    config: the experiment config (uses `diffusion`, `sampling` and, for 'edm', `edm`).
     shape: output shape.
     rng: PRNG key; the result is a deterministic function of it.
     sampler: a name of `sampler_table.SAMPLERS`; its other settings come
@@ -166,12 +187,12 @@ def sample(
   Raises:
     ValueError: see `sampling_model_fn` and `sampler_table.check`.
   """
-  sampler_table.check(sampler, num_steps, d.num_timesteps)
-  options = model_output_options(config)
+  sampler_table.check(sampler, num_steps, d.num_timesteps, kind_of(config))
+  options = sampler_options(config, sampler)
   model_fn = sampling_model_fn(
     model,
     params,
-    model_var_type=options['model_var_type'],
+    model_var_type=config.diffusion.model_var_type,
     mesh=mesh,
     labels=labels,
     guidance_scale=guidance_scale,
@@ -199,7 +220,7 @@ def make_sample_fn(
 
   Compiled once per shape; B must divide by the number of devices.
   """
-  sampler_table.check(sampler, num_steps, d.num_timesteps)
+  sampler_table.check(sampler, num_steps, d.num_timesteps, kind_of(config))
   sharding_lib.check_batch_size(shape[0], mesh)
   fn = functools.partial(
     sample,
@@ -297,7 +318,7 @@ def sampler_name(
   config's) and class labels.
   """
   smp = config.sampling
-  name = sampler_table.tag(smp.sampler, smp.num_steps, smp)
+  name = sampler_table.tag(smp.sampler, smp.num_steps, config)
   if config.model.num_classes > 0:
     scale = smp.guidance_scale if guidance_scale is None else guidance_scale
     spec = str(smp.class_labels).strip().replace(',', '-').replace(' ', '')

@@ -50,7 +50,9 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
         os.path.join(samples_dir, f'{name}_classes.png'),
         upscale=scale,
       )
-    if config.sampling.figures:
+    if config.sampling.figures and inference.kind_of(config) == 'edm':
+      logging.info('No figures: the progressive and interpolation figures follow DDPM chains.')
+    elif config.sampling.figures:
       save_figures(config, im, samples_dir, name)
   logging.info('Wrote %d samples of shape %s to %s.', len(images), images.shape[1:], path)
   return path

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import edm
 from ddpm_jax import sampling
 from ddpm_jax import solvers
 
@@ -36,6 +37,14 @@ def _solver_tag(kw: dict[str, Any]) -> str:
   return tag
 
 
+def _edm_tag(kw: dict[str, Any]) -> str:
+  tag = f'_sigma{kw["sigma_min"]:g}-{kw["sigma_max"]:g}_rho{kw["rho"]:g}'
+  if kw['S_churn'] > 0:
+    tag += f'_churn{kw["S_churn"]:g}_smin{kw["S_min"]:g}_smax{kw["S_max"]:g}'
+    tag += f'_snoise{kw["S_noise"]:g}'
+  return tag
+
+
 _SOLVER_FIELDS = (
   ('order', 'solver_order'),
   ('dynamic_threshold', 'dynamic_threshold'),
@@ -53,7 +62,10 @@ class Sampler:
     takes_num_steps: it makes `sampling.num_steps` model calls (else a fixed number).
     fields: (keyword of `function`, `sampling.*` field that gives it) pairs.
     check: raises ValueError for bad values of those keywords.
-    tag: the file-name tag of those keywords' values.
+    tag: the file-name tag of those keywords' values (and of `config_fields`').
+    config_fields: (keyword, dotted field of another config block) pairs.
+    kinds: the `diffusion.kind`s of the models it samples.
+    steps_up_to_T: num_steps may not exceed the process's T (it steps through its timesteps).
   """
 
   function: Callable[..., jax.Array]
@@ -62,6 +74,9 @@ class Sampler:
   fields: tuple[tuple[str, str], ...] = ()
   check: Callable[..., Any] = lambda **_: None
   tag: Callable[[dict[str, Any]], str] = lambda _: ''
+  config_fields: tuple[tuple[str, str], ...] = ()
+  kinds: tuple[str, ...] = ('ddpm',)
+  steps_up_to_T: bool = True
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -101,7 +116,28 @@ SAMPLERS: dict[str, Sampler] = {
     solvers.check_options,
     _solver_tag,
   ),
+  'edm': Sampler(
+    edm.sample_loop,
+    "N Heun steps of EDM's sampler, 2N - 1 model calls",
+    True,
+    (
+      ('S_churn', 'edm_S_churn'),
+      ('S_min', 'edm_S_min'),
+      ('S_max', 'edm_S_max'),
+      ('S_noise', 'edm_S_noise'),
+    ),
+    edm.check_options,
+    _edm_tag,
+    config_fields=(
+      ('sigma_min', 'edm.sigma_min'),
+      ('sigma_max', 'edm.sigma_max'),
+      ('rho', 'edm.rho'),
+    ),
+    kinds=('ddpm', 'edm'),
+    steps_up_to_T=False,
+  ),
 }
+KINDS = ('ddpm', 'edm')
 
 
 def row(name: str) -> Sampler:
@@ -117,16 +153,37 @@ def keywords(name: str, smp: ml_collections.ConfigDict) -> dict[str, Any]:
   return {keyword: smp[field] for keyword, field in row(name).fields}
 
 
-def check(name: str, num_steps: int, num_timesteps: int) -> None:
-  """Raises ValueError for an unknown sampler or a step count it cannot make.
+def config_keywords(name: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The chain's keywords that other blocks of the experiment config give it (the 'edm' range)."""
+  found = {}
+  for keyword, dotted in row(name).config_fields:
+    block, field = dotted.split('.')
+    found[keyword] = config[block][field]
+  return found
+
+
+def check(name: str, num_steps: int, num_timesteps: int, kind: str = 'ddpm') -> None:
+  """Raises ValueError for an unknown sampler, a step count it cannot make, or another kind.
 
   Args:
     name: the sampler's name.
-    num_steps: its model calls (read only where the sampler takes them).
+    num_steps: its model calls, or steps (read only where the sampler takes them).
     num_timesteps: T of the process.
+    kind: the model's `diffusion.kind`.
   """
-  if row(name).takes_num_steps and not 1 <= num_steps <= num_timesteps:
+  sampler = row(name)
+  if kind not in sampler.kinds:
+    fits = ', '.join(choice for choice, other in SAMPLERS.items() if kind in other.kinds)
+    raise ValueError(
+      f'Sampler {name!r} does not sample a diffusion.kind={kind!r} model; the samplers that '
+      f'do: {fits}.'
+    )
+  if not sampler.takes_num_steps:
+    return
+  if sampler.steps_up_to_T and not 1 <= num_steps <= num_timesteps:
     raise ValueError(f'Sampler {name!r} needs 1 <= num_steps <= {num_timesteps}, got {num_steps}.')
+  if num_steps < 1:
+    raise ValueError(f'Sampler {name!r} needs num_steps >= 1, got {num_steps}.')
 
 
 def field_problems(smp: ml_collections.ConfigDict) -> list[str]:
@@ -144,11 +201,18 @@ def field_problems(smp: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
-def tag(name: str, num_steps: int, smp: ml_collections.ConfigDict) -> str:
-  """A file-name tag that fixes everything the sampler's output depends on, e.g. 'ddim50_eta0_uniform'."""
+def tag(name: str, num_steps: int, config: ml_collections.ConfigDict) -> str:
+  """A file-name tag that fixes everything the sampler's output depends on, e.g. 'ddim50_eta0_uniform'.
+
+  Args:
+    name: the sampler.
+    num_steps: its model calls or steps.
+    config: the experiment config (its `sampling` block and the row's `config_fields`).
+  """
   sampler = row(name)
   steps = str(num_steps) if sampler.takes_num_steps else ''
-  return f'{name}{steps}{sampler.tag(keywords(name, smp))}'
+  kw = dict(keywords(name, config.sampling), **config_keywords(name, config))
+  return f'{name}{steps}{sampler.tag(kw)}'
 
 
 def draw(
@@ -167,12 +231,14 @@ def draw(
   Args:
     name: the sampler.
     d: the process the model was trained with.
-    model_fn: `model_fn(x_t, t)` (a guided one for a class-conditional model).
+    model_fn: `model_fn(x_t, t)` (a guided one for a class-conditional model); an EDM
+      model's raw network `model_fn(x_in, c_noise)` for 'edm'.
     shape: static sample shape (B, H, W, C).
     rng: a PRNG key.
     num_steps: model calls, where the sampler takes them.
     smp: the `sampling` config block.
-    **model_options: clip_denoised, model_mean_type, model_var_type.
+    **model_options: clip_denoised, model_mean_type, model_var_type; for 'edm' also its
+      noise range (sigma_min, sigma_max, rho) and, for an EDM model, sigma_data.
 
   Returns:
     x_0 of `shape`.

@@ -5,6 +5,7 @@ consecutive skipped (non-finite) steps. `train_step` is a pure function of
 (state, batch, rng); the loop in `ddpm_jax/train.py` jits it over the mesh.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import optax
 from flax.training import train_state
 
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import edm as edm_lib
 from ddpm_jax import losses as losses_lib
 from ddpm_jax import streams
 from ddpm_jax.kernels import adam as adam_kernel
@@ -71,8 +73,33 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
-def ema_decay_at(step: Array, optim: ml_collections.ConfigDict) -> Array:
-  """The EMA decay used after `step` updates (with optional warm-up)."""
+def ema_decay_at(
+  step: Array, optim: ml_collections.ConfigDict, global_batch: int | None = None
+) -> Array:
+  """The EMA decay used after `step` updates.
+
+  With `optim.ema_halflife_images` = H > 0 the decay is EDM's, 0.5 ** (global_batch / H): the
+  EMA forgets half of its past every H training images, whatever the batch. Its warm-up
+  (`optim.ema_warmup`) is EDM's ramp-up, H <= 0.05 x the images seen so far. Otherwise it is
+  `optim.ema_decay`, warmed up as min(decay, (1 + step) / (10 + step)).
+
+  Args:
+    step: the number of updates before this one (int scalar).
+    optim: the optimizer config (uses the EMA fields).
+    global_batch: images per step over all devices; needed with a half-life.
+
+  Returns:
+    float32 scalar in [0, 1).
+  """
+  halflife = float(optim.get('ema_halflife_images', 0.0))
+  if halflife > 0:
+    if global_batch is None:
+      raise ValueError('optim.ema_halflife_images > 0 needs the global batch size.')
+    if optim.ema_warmup:
+      seen = jnp.asarray(step).astype(jnp.float32) * global_batch
+      # EDM's ramp-up: early on the EMA follows the fast-moving parameters closely.
+      halflife = jnp.maximum(jnp.minimum(halflife, 0.05 * seen), 1e-8)
+    return jnp.power(jnp.float32(0.5), global_batch / jnp.asarray(halflife, jnp.float32))
   decay = jnp.asarray(optim.ema_decay, jnp.float32)
   if optim.ema_warmup:
     step = step.astype(jnp.float32)
@@ -81,7 +108,12 @@ def ema_decay_at(step: Array, optim: ml_collections.ConfigDict) -> Array:
 
 
 def update_state(
-  state: TrainState, grads: Any, grad_norm: Array, finite: Array, optim: ml_collections.ConfigDict
+  state: TrainState,
+  grads: Any,
+  grad_norm: Array,
+  finite: Array,
+  optim: ml_collections.ConfigDict,
+  global_batch: int | None = None,
 ) -> TrainState:
   """The optimizer's step and the EMA of the new parameters; only the counters if not `finite`.
 
@@ -92,6 +124,7 @@ def update_state(
     finite: scalar bool; False skips the update (parameters, optimizer
       state and EMA stay as they were).
     optim: the optimizer config (uses the EMA fields).
+    global_batch: images per step over all devices (for an EMA half-life).
 
   Returns:
     The state after the step, its step counter one higher.
@@ -100,7 +133,7 @@ def update_state(
   def apply_update():
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
     params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, optim)
+    decay = ema_decay_at(state.step, optim, global_batch)
     return params, opt_state, optax.incremental_update(params, state.ema_params, 1.0 - decay)
 
   # lax.cond rather than a per-leaf jnp.where: XLA would copy the `finite`
@@ -162,6 +195,42 @@ def drop_labels(labels: Array, rng: Array, rate: float, null_label: int) -> Arra
   return jnp.where(dropped, null_label, labels).astype(jnp.int32)
 
 
+def _ddpm_loss(model_fn: Any, images: Array, rng: Array, noise: Array, *, diffusion, dc) -> Array:
+  """The DDPM objective (`losses.training_losses`) at uniform timesteps, averaged."""
+  t = jax.random.randint(rng, (images.shape[0],), 0, diffusion.num_timesteps)
+  losses = losses_lib.training_losses(
+    diffusion,
+    model_fn,
+    images,
+    t,
+    noise,
+    loss_type=dc.loss_type,
+    model_mean_type=dc.model_mean_type,
+    model_var_type=dc.model_var_type,
+    vlb_weight=dc.vlb_weight,
+    min_snr_gamma=dc.min_snr_gamma if dc.min_snr_gamma > 0 else None,
+  )
+  return jnp.mean(losses)
+
+
+def edm_sigmas(rng: Array, batch: int, edm: ml_collections.ConfigDict) -> Array:
+  """EDM's training noise levels: ln(sigma) ~ N(P_mean, P_std^2), one per example, float32 [B]."""
+  return jnp.exp(edm.P_mean + edm.P_std * jax.random.normal(rng, (batch,), jnp.float32))
+
+
+def _edm_loss(
+  model_fn: Any, images: Array, rng: Array, noise: Array, *, edm: ml_collections.ConfigDict
+) -> Array:
+  """EDM's objective: `edm.loss` of the preconditioned network at log-normal sigma, averaged.
+
+  The U-Net is the raw network F: its timestep input takes c_noise = ln(sigma) / 4, as the
+  positional embedding of NVlabs/edm's DDPM++ does.
+  """
+  sigma = edm_sigmas(rng, images.shape[0], edm).astype(images.dtype)
+  denoiser = edm_lib.precondition(model_fn, sigma_data=edm.sigma_data)
+  return jnp.mean(edm_lib.loss(denoiser, images, sigma, noise, sigma_data=edm.sigma_data))
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, Array],
@@ -176,13 +245,17 @@ def train_step(
   counter (which keeps data and randomness moving on) and the non-finite
   counter: parameters, optimizer state and EMA stay as they were.
 
+  With `config.diffusion.kind` = 'edm' the objective is EDM's (`_edm_loss`);
+  the noise-level key that draws DDPM's timesteps draws its sigmas, and every
+  other draw, the update and the EMA are the same.
+
   Args:
     state: the current state.
     batch: {'image': float [B, H, W, C] in [-1, 1]}, and 'label' int [B]
       when `config.model.num_classes` > 0.
     rng: this step's key (the loop passes fold_in(seed key, step)).
-    diffusion: the process.
-    config: the experiment config (uses `diffusion`, `optim`, and
+    diffusion: the process (unused by kind 'edm').
+    config: the experiment config (uses `diffusion`, `edm`, `optim`, and
       `model.num_classes`, `model.class_dropout`).
 
   Returns:
@@ -190,42 +263,33 @@ def train_step(
     'learning_rate', 'finite' (1.0 if the step was applied).
   """
   images = batch['image']
-  t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
-  t = jax.random.randint(t_rng, (images.shape[0],), 0, diffusion.num_timesteps)
+  level_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
   noise = jax.random.normal(noise_rng, images.shape, images.dtype)
-  dc = config.diffusion
   num_classes = config.model.get('num_classes', 0)
   labels = None
   if num_classes:
     label_rng = jax.random.fold_in(rng, int(streams.Stream.LABEL_DROPOUT))
     labels = drop_labels(batch['label'], label_rng, config.model.class_dropout, num_classes)
+  if config.diffusion.get('kind', 'ddpm') == 'edm':
+    objective = functools.partial(_edm_loss, edm=config.edm)
+  else:
+    objective = functools.partial(_ddpm_loss, diffusion=diffusion, dc=config.diffusion)
 
   def loss_fn(params):
+    # The timestep input: DDPM's int timesteps, or EDM's c_noise.
     def model_fn(x_t, timesteps):
       return state.apply_fn(
         {'params': params}, x_t, timesteps, labels, train=True, rngs={'dropout': dropout_rng}
       )
 
-    losses = losses_lib.training_losses(
-      diffusion,
-      model_fn,
-      images,
-      t,
-      noise,
-      loss_type=dc.loss_type,
-      model_mean_type=dc.model_mean_type,
-      model_var_type=dc.model_var_type,
-      vlb_weight=dc.vlb_weight,
-      min_snr_gamma=dc.min_snr_gamma if dc.min_snr_gamma > 0 else None,
-    )
-    return jnp.mean(losses)
+    return objective(model_fn, images, level_rng, noise)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   grad_norm = optax.tree.norm(grads)
   # A NaN or Inf anywhere in the gradient makes its norm non-finite.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  new_state = update_state(state, grads, grad_norm, finite, config.optim)
+  new_state = update_state(state, grads, grad_norm, finite, config.optim, images.shape[0])
   metrics = dict(
     loss=loss,
     grad_norm=grad_norm,

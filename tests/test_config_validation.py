@@ -45,7 +45,8 @@ def test_bad_choices_name_the_valid_ones_all_at_once():
     "sampling.sampler: Unknown sampler 'euler'; valid choices: ddpm (all T ancestral steps "
     '(the paper)); respaced (K ancestral steps of a respaced process); ddim (K DDIM steps); '
     'pc (T ancestral steps, each after Langevin corrector steps); dpm_solver (K steps of '
-    'DPM-Solver++); unipc (K steps of UniPC).' in message
+    "DPM-Solver++); unipc (K steps of UniPC); edm (N Heun steps of EDM's sampler, 2N - 1 model "
+    'calls).' in message
   )
   assert (
     'sampling.solver_order, sampling.dynamic_threshold, sampling.solver_final_sigma: '
@@ -57,6 +58,68 @@ def test_bad_choices_name_the_valid_ones_all_at_once():
     in message
   )
   assert 'sampling.pc_corrector_steps, sampling.pc_snr: snr must be a finite number >= 0' in message
+
+
+def _edm_config(**overrides):
+  """The tiny config as an EDM model (every sampler 'edm'), with `section__field` overrides."""
+  config = tiny.get_config()
+  config.diffusion.kind = 'edm'
+  config.sampling.sampler = config.sampling.grid_sampler = 'edm'
+  for dotted, value in overrides.items():
+    section, field = dotted.split('__')
+    config[section][field] = value
+  return config
+
+
+def test_an_edm_model_validates_and_takes_heun_steps_beyond_T():
+  config_validation.validate(_edm_config(sampling__num_steps=500))
+
+
+def test_an_unknown_kind_names_the_valid_ones():
+  assert "diffusion.kind='vp' is not one of: ddpm, edm." in _problems(diffusion__kind='vp')
+
+
+def test_edm_refuses_ddpm_only_settings_naming_each_field():
+  config = _edm_config(
+    diffusion__loss_type='hybrid',
+    diffusion__model_var_type='learned_range',
+    diffusion__min_snr_gamma=5.0,
+    diffusion__model_mean_type='v',
+  )
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate(config)
+  message = str(err.value)
+  why = "diffusion.kind='edm' trains EDM's preconditioned denoiser with its own loss"
+  assert f"diffusion.loss_type='hybrid' is a DDPM objective; {why}: leave it at 'mse'." in message
+  assert f"diffusion.model_mean_type='v' is a DDPM output; {why}: leave it at 'eps'." in message
+  assert f"diffusion.min_snr_gamma=5.0 is DDPM's loss weighting; {why}" in message
+  assert "diffusion.model_var_type='learned_range' learns DDPM's reverse variances" in message
+
+
+def test_an_edm_model_takes_only_the_edm_sampler():
+  config = _edm_config(sampling__sampler='dpm_solver', sampling__grid_sampler='respaced')
+  with pytest.raises(config_validation.ConfigError) as err:
+    config_validation.validate(config)
+  for field, name in (('sampler', 'dpm_solver'), ('grid_sampler', 'respaced')):
+    assert (
+      f"sampling.{field}: Sampler {name!r} does not sample a diffusion.kind='edm' model; the "
+      'samplers that do: edm.' in str(err.value)
+    )
+
+
+def test_edm_fields_are_checked():
+  message = _problems(
+    edm__sigma_min=80.0,
+    edm__sigma_data=0.0,
+    sampling__edm_S_churn=-1.0,
+    optim__ema_halflife_images=-5.0,
+  )
+  assert 'edm.sigma_data must be > 0, got 0.0.' in message
+  assert 'edm.sigma_min=80.0 must be < edm.sigma_max=80.0 (the noise range).' in message
+  assert 'sampling.edm_S_churn, sampling.edm_S_min, sampling.edm_S_max, sampling.edm_S_noise: ' in (
+    message
+  )
+  assert 'optim.ema_halflife_images must be >= 0 (0: use optim.ema_decay), got -5.0.' in message
 
 
 def test_solver_options_without_a_reason_are_refused():

@@ -95,6 +95,19 @@ def test_sample_with_an_ode_solver(trained, tmp_path, sampler):
   assert np.abs(again['images'].astype(int) - images.astype(int)).max() <= 1
 
 
+def test_sample_a_ddpm_model_with_edms_heun_sampler(trained, tmp_path):
+  config, workdir = trained
+  workdir = _copy_workdir(workdir, tmp_path)
+  config = config.copy_and_resolve_references()
+  config.sampling.sampler = 'edm'
+  config.sampling.num_samples = 4
+  path = sample.sample_and_save(config, workdir)
+  # The tag names the configured range; the model's T = 100 process cuts its top to sigma_99.
+  assert os.path.basename(path).startswith('edm5_sigma0.002-80_rho7_step')
+  images = np.load(path)['images']
+  assert images.shape == (4, 16, 16, 1) and images.std() > 0
+
+
 def test_sample_figures(trained, tmp_path):
   config, workdir = trained
   workdir = _copy_workdir(workdir, tmp_path)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax import diffusion, edm, sampling
 
 T = 100
 BETA_START, BETA_END = 1e-4 * 1000 / T, 0.02 * 1000 / T
@@ -485,11 +485,13 @@ def _run(name: str, d: diffusion.Diffusion, model_fn: Callable, shape, **kw) -> 
     'ddim': (sampling.ddim_sample_loop, {'num_steps': 10, 'eta': 0.5}),
     'respaced': (sampling.respaced_sample_loop, {'num_steps': 10}),
     'pc': (sampling.pc_sample_loop, {'corrector_steps': 2}),
+    # The sampler table's 'edm' row on a DDPM model, with churn (the noise of every step).
+    'edm': (edm.sample_loop, {'num_steps': 5, 'S_churn': 5.0}),
   }[name]
   return functools.partial(fn, d, model_fn, shape, **extra, **kw)
 
 
-SAMPLERS = ['p_sample_loop', 'progressive', 'ddim', 'respaced', 'interpolate', 'pc']
+SAMPLERS = ['p_sample_loop', 'progressive', 'ddim', 'respaced', 'interpolate', 'pc', 'edm']
 
 
 def _first(out):
