@@ -451,6 +451,7 @@ def sample_loop(
   model_mean_type: str = 'eps',
   model_var_type: str = 'fixedlarge',
   clip_denoised: bool = True,
+  x_T: Array | None = None,
 ) -> Array:
   """`sample` with the signature of the project's other chains, on either kind of model.
 
@@ -473,9 +474,10 @@ def sample_loop(
     sigma_data: an EDM model's data standard deviation; None for a DDPM model.
     model_mean_type, model_var_type: a DDPM model's outputs.
     clip_denoised: not used: EDM's sampler integrates the ODE unclipped.
+    x_T: optional start at the (cut) sigma_max, as in `sample`.
 
   Returns:
-    The sample at sigma = 0, float32 `shape`.
+    The sample at sigma = 0, `shape`, in x_T's dtype (float32 when x_T is None).
 
   Raises:
     ValueError: for bad settings, or a noise range outside the DDPM process's levels.
@@ -506,4 +508,5 @@ def sample_loop(
     S_min=S_min,
     S_max=S_max,
     S_noise=S_noise,
+    x_T=x_T,
   )

@@ -2,7 +2,8 @@
 
 Each row maps a `sampling.sampler` name to the chain that draws the samples,
 whether it takes `num_steps`, the other `sampling.*` fields it reads (as the
-chain's keywords) and how they name its files. Config validation, inference
+chain's keywords) and how they name its files, and which `diffusion.kind`s of
+model it samples ('edm' is the only row for an EDM model). Config validation, inference
 (`--mode=sample`, `--mode=eval`, the training grids) and the benchmarks all
 read it, so a sampler is added here and nowhere else.
 """
