@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
     num_steps=num_steps,
     batch_size=batch_size,
   )
-  sigma_min, sigma_max = ode_likelihood.diffusion_sigma_range(d)
+  sigma_min, sigma_max = edm.process_sigma_range(d)
   conditional = inference.num_classes_of(model) > 0
   meta = dict(
     source=source,

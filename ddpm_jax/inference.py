@@ -22,6 +22,7 @@ import numpy as np
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import edm
 from ddpm_jax import files
 from ddpm_jax import gcs
 from ddpm_jax import guidance
@@ -87,6 +88,23 @@ def make_model_fn(model: nn.Module, params: Any, mesh=None) -> Callable:
     return model.apply({'params': params}, x_t, t, y, train=False)
 
   return model_fn
+
+
+def make_denoiser(config: ml_collections.ConfigDict, im: 'InferenceModel') -> Callable:
+  """EDM's `denoiser(x, sigma, *args)` of a loaded model of either kind (no dropout).
+
+  An EDM model's is its preconditioned network; a DDPM model's is
+  `edm.denoiser_from_diffusion` of its process. `args` (a class label [B]) reach the model.
+  """
+  model_fn = make_model_fn(im.model, im.ema_params, im.mesh)
+  if kind_of(config) == 'edm':
+    return edm.precondition(model_fn, sigma_data=config.edm.sigma_data)
+  return edm.denoiser_from_diffusion(
+    im.diffusion,
+    model_fn,
+    model_mean_type=config.diffusion.model_mean_type,
+    model_var_type=config.diffusion.model_var_type,
+  )
 
 
 def num_classes_of(model: nn.Module) -> int:

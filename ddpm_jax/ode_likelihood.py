@@ -110,17 +110,6 @@ def bits_per_dim(log_density: Array, num_dims: int) -> Array:
   return -log_density / (num_dims * _LN2) + OFFSET_BITS
 
 
-def diffusion_sigma_range(d: diffusion_lib.Diffusion) -> tuple[float, float]:
-  """(sigma_0, sigma_{T-1}) of a DDPM process, sigma_t = sqrt((1 - a_t) / a_t).
-
-  The range where `edm.denoiser_from_diffusion` calls the model at the level
-  it was trained on; outside it that denoiser clamps.
-  """
-  chain.check_diffusion(d)
-  levels = np.asarray(d.sqrt_recipm1_alphas_cumprod, np.float64)
-  return float(levels[0]), float(levels[-1])
-
-
 def diffusion_settings(d: diffusion_lib.Diffusion) -> dict[str, Any]:
   """`bpd`'s sigma_min, sigma_max and prior for a model trained as the DDPM process d.
 
@@ -128,7 +117,8 @@ def diffusion_settings(d: diffusion_lib.Diffusion) -> dict[str, Any]:
   x_T, since x = x_T sqrt(1 + sigma_{T-1}^2). Use as
   `bpd(edm.denoiser_from_diffusion(d, model_fn), images, rng, **diffusion_settings(d))`.
   """
-  sigma_min, sigma_max = diffusion_sigma_range(d)
+  chain.check_diffusion(d)
+  sigma_min, sigma_max = edm.process_sigma_range(d)
   return dict(
     sigma_min=sigma_min,
     sigma_max=sigma_max,

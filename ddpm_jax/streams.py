@@ -25,6 +25,7 @@ class Stream(enum.IntEnum):
   # The samples of training's FID (the same key every time, as the grids'), so turning FID on
   # changes no other draw.
   FID = 2**31 - 7
+  ODE_BPD = 2**31 - 8  # The ODE likelihood's dequantisation noise and probes in --mode=eval.
 
 
 def key(seed: int, stream: Stream) -> jax.Array:

@@ -23,6 +23,7 @@ from configs import cifar10_edm
 from configs import tiny
 from ddpm_jax import config_validation
 from ddpm_jax import edm
+from ddpm_jax import evaluate
 from ddpm_jax import inference
 from ddpm_jax import input_pipeline
 from ddpm_jax import sample
@@ -281,3 +282,15 @@ def test_a_killed_edm_run_restarted_equals_an_uninterrupted_one_bit_for_bit(chai
   assert os.path.basename(path).startswith('edm5_sigma0.002-80_rho7_guidance1_classes-all_step4')
   assert np.load(path)['images'].shape == (4, 8, 8, 1)
   assert not os.path.exists(path.replace('.npz', '_progressive.png'))
+
+  # --mode=eval: no discrete bound, the ODE's bits/dim over [edm.sigma_min, edm.sigma_max].
+  config.eval.ode_solver, config.eval.ode_num_steps = 'heun', 3
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluate, 'evaluate_sample_quality', lambda *args: {})
+    patch.setattr(evaluate, 'evaluate_guidance_sweep', lambda *args: {})
+    results = evaluate.evaluate(config, workdir)
+  assert 'bpd' not in results
+  ode = results['ode_bpd']
+  assert ode['num_examples'] == config.eval.num_bpd_examples and ode['nfe'] == 6
+  assert (ode['sigma_min'], ode['sigma_max']) == (config.edm.sigma_min, config.edm.sigma_max)
+  assert np.isfinite(ode['bpd']) and ode['conditioned_on'].endswith('-log p(x | y)')

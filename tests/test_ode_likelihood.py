@@ -227,9 +227,9 @@ def test_uint8_pixels_are_scaled_as_the_input_pipeline_scales_them():
   np.testing.assert_array_equal(ol.to_model_range(x), x)  # Floats: already scaled.
 
 
-def test_diffusion_sigma_range_and_settings():
+def test_process_sigma_range_and_settings():
   d = diffusion.make_diffusion('linear', 1000)
-  lo, hi = ol.diffusion_sigma_range(d)
+  lo, hi = edm.process_sigma_range(d)
   levels = np.sqrt((1 - np.asarray(d.alphas_cumprod, np.float64)) / np.asarray(d.alphas_cumprod))
   assert lo == pytest.approx(levels[0], rel=1e-4) and hi == pytest.approx(levels[-1], rel=1e-4)
   settings = ol.diffusion_settings(d)
@@ -267,7 +267,7 @@ def test_ddpm_model_ode_bpd_sits_beside_its_discrete_bound(x64):
     )
   )(x, jax.random.key(8))
   assert ode['bpd'].shape == (SHAPE[0],) and np.all(np.isfinite(ode['bpd']))
-  width = np.sqrt(S**2 + ol.diffusion_sigma_range(d)[0] ** 2)
+  width = np.sqrt(S**2 + edm.process_sigma_range(d)[0] ** 2)
   upper = stats.norm.cdf((x + 1 / 255 - MU) / width)
   lower = stats.norm.cdf((x - 1 / 255 - MU) / width)
   binned = -np.log2(upper - lower).reshape(SHAPE[0], -1).mean(axis=1)

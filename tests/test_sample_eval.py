@@ -12,10 +12,12 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import checkpointing
+from ddpm_jax import edm
 from ddpm_jax import evaluate
 from ddpm_jax import images as images_lib
 from ddpm_jax import inception_fid
 from ddpm_jax import inference
+from ddpm_jax import ode_likelihood
 from ddpm_jax import sample
 from ddpm_jax import sampling
 from ddpm_jax import train
@@ -161,6 +163,29 @@ def test_eval_reports_bound_and_quality_and_resumes(trained, tmp_path):
     for q in (quality, other)
   ]
   assert not np.allclose(*means)
+
+
+def test_eval_sets_the_ode_likelihood_beside_the_bound_and_resumes(trained, tmp_path, monkeypatch):
+  config, workdir = trained
+  workdir = _copy_workdir(workdir, tmp_path)
+  config = config.copy_and_resolve_references()
+  config.eval.ode_bpd = True
+  config.eval.ode_solver, config.eval.ode_num_steps = 'heun', 4
+  # Sample quality is tested above; here only the likelihoods.
+  monkeypatch.setattr(evaluate, 'evaluate_sample_quality', lambda *args: {})
+  results = evaluate.evaluate(config, workdir)
+  ode, bound = results['ode_bpd'], results['bpd']
+  assert ode['num_examples'] == bound['num_examples'] == config.eval.num_bpd_examples
+  # The prior's and the flow's parts, plus the bins' offset log2(255 / 2).
+  parts = ode['prior_bpd'] + ode['flow_bpd'] + ode_likelihood.OFFSET_BITS
+  np.testing.assert_allclose(ode['bpd'], parts, rtol=1e-5)
+  assert ode['nfe'] == 2 * 4 and ode['solver'] == 'heun' and ode['num_steps'] == 4
+  # The ODE runs over the process's own levels, from the bound's N(0, I) at x_T.
+  lowest, highest = edm.process_sigma_range(inference.build_model_and_diffusion(config)[1])
+  assert (ode['sigma_min'], ode['sigma_max']) == pytest.approx((lowest, highest))
+  assert 1.0 < ode['bpd'] < 30.0
+  # A restart reuses the finished batches.
+  assert evaluate.evaluate(config, workdir)['ode_bpd'] == ode
 
 
 def test_grids_are_enlarged_to_a_readable_size():
