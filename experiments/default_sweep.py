@@ -202,6 +202,7 @@ def _config_file(name: str, path: str) -> None:
   """A config file that rebuilds the variant, for the trainer's --config flag."""
   text = (
     f'"""Sweep variant {name!r}: {VARIANTS[name].description}."""\n\n'
+    'from math import inf  # repr() writes an infinite field (sampling.edm_S_max) as inf\n\n'
     'from configs import fashion_mnist\n\n\n'
     'def get_config():\n'
     '  config = fashion_mnist.get_config()\n'
