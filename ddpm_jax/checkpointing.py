@@ -71,6 +71,13 @@ def check_resume_compatible(
       now_value = now.get(key, _ADDED_FIELDS.get(name))
       if name not in _MAY_DIFFER_ON_RESUME and saved_value != now_value:
         differences.append(f'{name}: checkpoint has {saved_value!r}, config has {now_value!r}')
+  # An EDM network's output is read through sigma_data's preconditioning; its other edm.*
+  # fields are the training draw and the sampler's range, which a run may change.
+  saved_kind = saved_config.get('diffusion', {}).get('kind', 'ddpm')
+  if saved_kind == 'edm' and current['diffusion'].get('kind') == 'edm':
+    saved_sd, now_sd = saved_config['edm']['sigma_data'], current['edm']['sigma_data']
+    if saved_sd != now_sd:
+      differences.append(f'edm.sigma_data: checkpoint has {saved_sd!r}, config has {now_sd!r}')
   saved_classes = saved_config.get('model', {}).get('num_classes', 0)
   if saved_classes and not current['model'].get('num_classes'):
     differences.append(

@@ -176,6 +176,20 @@ def test_resume_check_ignores_the_layer_set_but_not_the_network():
     checkpointing.check_resume_compatible(saved, config, 'DIR')
 
 
+def test_resume_check_holds_an_edm_model_to_its_sigma_data_only():
+  config = tiny.get_config()
+  config.diffusion.kind = 'edm'
+  saved = json.loads(config.to_json_best_effort())
+  saved['edm']['P_mean'], saved['edm']['sigma_max'] = 0.0, 40.0  # The draw and the range may move.
+  checkpointing.check_resume_compatible(saved, config, 'DIR')
+  saved['edm']['sigma_data'] = 1.0
+  with pytest.raises(errors.TrainingError, match='edm.sigma_data: checkpoint has 1.0, config has'):
+    checkpointing.check_resume_compatible(saved, config, 'DIR')
+  saved['diffusion']['kind'] = 'ddpm'
+  with pytest.raises(errors.TrainingError, match="diffusion.kind: checkpoint has 'ddpm'"):
+    checkpointing.check_resume_compatible(saved, config, 'DIR')
+
+
 def test_guidance_and_labels_on_an_unconditional_model_are_config_errors():
   message = _problems(
     sampling__guidance_scale=3.0, sampling__class_labels='all', eval__guidance_scales=(1.0,)
