@@ -91,6 +91,62 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 # Negative log-likelihood.
 
 
+def _over_eval_examples(
+  config: ml_collections.ConfigDict,
+  im: inference.InferenceModel,
+  per_batch: Any,
+  *,
+  stream: streams.Stream,
+  batch_dir: str,
+  what: str,
+  summary_key: str,
+) -> dict[str, np.ndarray]:
+  """`per_batch(x0, key, labels) -> {name: [B]...}` on the first eval.num_bpd_examples images.
+
+  Jitted with the batch split over the mesh, each batch keyed by fold_in(stream key, index)
+  and written to `batch_dir` as it finishes (a restart skips it). A conditional model gets
+  each image's own label, an unconditional one None. Returns each output over exactly the
+  kept real examples, in order.
+  """
+  ec, mesh = config.eval, im.mesh
+  conditional = im.model.num_classes > 0
+  fn = jax.jit(
+    per_batch,
+    in_shardings=(
+      sharding_lib.batch_sharded(mesh),
+      sharding_lib.replicated(mesh),
+      sharding_lib.batch_sharded(mesh),
+    ),
+    out_shardings=sharding_lib.batch_sharded(mesh),
+  )
+  base_key = streams.key(config.seed, stream)
+  dataset = input_pipeline.make_eval_dataset(
+    config, batch_size=ec.batch_size, split=config.data.eval_split
+  )
+  num_batches = min(len(dataset), -(-ec.num_bpd_examples // ec.batch_size))
+  name = os.path.basename(batch_dir)
+
+  def compute(index, batch):
+    local = {'image': batch['image']}
+    if conditional:
+      local['label'] = batch['label']
+    placed = sharding_lib.host_to_global(local, mesh)
+    out = fn(placed['image'], jax.random.fold_in(base_key, index), placed.get('label'))
+    out['mask'] = np.asarray(batch['mask'])
+    return sharding_lib.gather_to_hosts(out, f'{name}_batch_{index}')
+
+  def summary(out):
+    return f'{np.sum(out[summary_key] * out["mask"]) / max(out["mask"].sum(), 1):.4f}'
+
+  parts = files.resumable_batches(
+    batch_dir, dataset, num_batches, compute, what=what, summary=summary
+  )
+  mask = np.concatenate([p['mask'] for p in parts]).astype(bool)
+  # Keep exactly the first num_bpd_examples real examples.
+  keep = mask & (np.cumsum(mask) <= ec.num_bpd_examples)
+  return {k: np.concatenate([p[k] for p in parts])[keep] for k in parts[0] if k != 'mask'}
+
+
 def evaluate_bpd(
   config: ml_collections.ConfigDict, im: inference.InferenceModel, eval_dir: str
 ) -> dict[str, Any]:
@@ -101,10 +157,8 @@ def evaluate_bpd(
     (sum of L_{t-1} for t > 1), 'L0_bpd' (the decoder term), 'num_examples',
     'split', and 'rate_distortion_png'.
   """
-  ec = config.eval
   batch_dir = os.path.join(eval_dir, f'bpd_step_{im.step}_seed{config.seed}')
-  mesh = im.mesh
-  model_fn = inference.make_model_fn(im.model, im.ema_params, mesh)
+  model_fn = inference.make_model_fn(im.model, im.ema_params, im.mesh)
   conditional = im.model.num_classes > 0
 
   def bpd(x0, key, labels):
@@ -114,50 +168,23 @@ def evaluate_bpd(
       im.diffusion, fn, x0, key, **inference.model_output_options(config)
     )
 
-  bpd_fn = jax.jit(
+  out = _over_eval_examples(
+    config,
+    im,
     bpd,
-    in_shardings=(
-      sharding_lib.batch_sharded(mesh),
-      sharding_lib.replicated(mesh),
-      sharding_lib.batch_sharded(mesh),
-    ),
-    out_shardings=sharding_lib.batch_sharded(mesh),
+    stream=streams.Stream.BPD,
+    batch_dir=batch_dir,
+    what='bits/dim',
+    summary_key='total_bpd',
   )
-  base_key = streams.key(config.seed, streams.Stream.BPD)
-  dataset = input_pipeline.make_eval_dataset(
-    config, batch_size=ec.batch_size, split=config.data.eval_split
-  )
-  num_batches = min(len(dataset), -(-ec.num_bpd_examples // ec.batch_size))
-
-  def compute(index, batch):
-    local = {'image': batch['image']}
-    if conditional:
-      local['label'] = batch['label']
-    placed = sharding_lib.host_to_global(local, mesh)
-    out = bpd_fn(placed['image'], jax.random.fold_in(base_key, index), placed.get('label'))
-    out['mask'] = np.asarray(batch['mask'])
-    return sharding_lib.gather_to_hosts(out, f'bpd_batch_{index}')
-
-  def summary(out):
-    return f'{np.sum(out["total_bpd"] * out["mask"]) / max(out["mask"].sum(), 1):.4f}'
-
-  parts = files.resumable_batches(
-    batch_dir, dataset, num_batches, compute, what='bits/dim', summary=summary
-  )
-  mask = np.concatenate([p['mask'] for p in parts]).astype(bool)
-  # Keep exactly the first num_bpd_examples real examples.
-  keep = mask & (np.cumsum(mask) <= ec.num_bpd_examples)
-  terms = np.concatenate([p['terms_bpd'] for p in parts])[keep]
-  prior = np.concatenate([p['prior_bpd'] for p in parts])[keep]
-  mse = np.concatenate([p['mse'] for p in parts])[keep]
-  total = np.concatenate([p['total_bpd'] for p in parts])[keep]
+  terms, prior, mse, total = (out[k] for k in ('terms_bpd', 'prior_bpd', 'mse', 'total_bpd'))
   png = os.path.join(eval_dir, f'rate_distortion_step_{im.step}.png')
   if jax.process_index() == 0:
     plot_rate_distortion(terms, prior, mse, png)
   return dict(
     split=config.data.eval_split,
     conditioned_on="the images' labels: -log p(x | y)" if conditional else 'nothing: -log p(x)',
-    num_examples=int(keep.sum()),
+    num_examples=len(total),
     total_bpd=float(total.mean()),
     prior_bpd=float(prior.mean()),
     sum_Lt_bpd=float(terms[:, 1:].sum(axis=1).mean()),
@@ -198,7 +225,6 @@ def evaluate_ode_bpd(
   )
   denoiser = inference.make_denoiser(config, im)
   conditional = im.model.num_classes > 0
-  mesh = im.mesh
 
   def ode_bpd(x0, key, labels):
     # A conditional model's likelihood is of p(x | y), with each image's own label.
@@ -207,54 +233,26 @@ def evaluate_ode_bpd(
     per_example = {k: out[k] for k in ('bpd', 'prior_bpd', 'flow_bpd')}
     return dict(per_example, nfe=jnp.broadcast_to(out['nfe'], out['bpd'].shape))
 
-  ode_fn = jax.jit(
-    ode_bpd,
-    in_shardings=(
-      sharding_lib.batch_sharded(mesh),
-      sharding_lib.replicated(mesh),
-      sharding_lib.batch_sharded(mesh),
-    ),
-    out_shardings=sharding_lib.batch_sharded(mesh),
-  )
-  base_key = streams.key(config.seed, streams.Stream.ODE_BPD)
-  dataset = input_pipeline.make_eval_dataset(
-    config, batch_size=ec.batch_size, split=config.data.eval_split
-  )
-  num_batches = min(len(dataset), -(-ec.num_bpd_examples // ec.batch_size))
   tag = f'{ec.ode_solver}_{ec.ode_divergence}{ec.ode_num_probes}'
-  batch_dir = os.path.join(eval_dir, f'ode_bpd_step_{im.step}_seed{config.seed}_{tag}')
-
-  def compute(index, batch):
-    local = {'image': batch['image']}
-    if conditional:
-      local['label'] = batch['label']
-    placed = sharding_lib.host_to_global(local, mesh)
-    out = ode_fn(placed['image'], jax.random.fold_in(base_key, index), placed.get('label'))
-    out['mask'] = np.asarray(batch['mask'])
-    return sharding_lib.gather_to_hosts(out, f'ode_bpd_batch_{index}')
-
-  def summary(out):
-    return f'{np.sum(out["bpd"] * out["mask"]) / max(out["mask"].sum(), 1):.4f}'
-
-  parts = files.resumable_batches(
-    batch_dir, dataset, num_batches, compute, what='ODE bits/dim', summary=summary
+  out = _over_eval_examples(
+    config,
+    im,
+    ode_bpd,
+    stream=streams.Stream.ODE_BPD,
+    batch_dir=os.path.join(eval_dir, f'ode_bpd_step_{im.step}_seed{config.seed}_{tag}'),
+    what='ODE bits/dim',
+    summary_key='bpd',
   )
-  mask = np.concatenate([p['mask'] for p in parts]).astype(bool)
-  keep = mask & (np.cumsum(mask) <= ec.num_bpd_examples)
-
-  def column(key):
-    return np.concatenate([p[key] for p in parts])[keep]
-
-  bpd = column('bpd')
+  bpd = out['bpd']
   return dict(
     split=config.data.eval_split,
     conditioned_on="the images' labels: -log p(x | y)" if conditional else 'nothing: -log p(x)',
-    num_examples=int(keep.sum()),
+    num_examples=len(bpd),
     bpd=float(bpd.mean()),
     bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd))) if len(bpd) > 1 else 0.0,
-    prior_bpd=float(column('prior_bpd').mean()),
-    flow_bpd=float(column('flow_bpd').mean()),
-    nfe=float(column('nfe').mean()),
+    prior_bpd=float(out['prior_bpd'].mean()),
+    flow_bpd=float(out['flow_bpd'].mean()),
+    nfe=float(out['nfe'].mean()),
     sigma_min=float(settings['sigma_min']),
     sigma_max=float(settings['sigma_max']),
     solver=ec.ode_solver,
