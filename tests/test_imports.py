@@ -28,6 +28,7 @@ RANKS = [
   {'guidance', 'solvers', 'edm'},
   {'ode_likelihood'},
   {'sampling'},
+  {'distillation'},
   {'sampler_table'},
   # Networks, their kernels, data and metrics know nothing of diffusion.
   {'kernels'},
