@@ -27,6 +27,7 @@ in the same state, bit for bit, as one without.
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -35,7 +36,7 @@ import os
 import signal
 import time
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -312,6 +313,57 @@ def train_and_evaluate(
   """
   mesh = sharding_lib.make_mesh(devices)
   config_validation.validate(config, num_devices=mesh.devices.size)
+  return run(config, workdir, mesh, _training_job)
+
+
+@dataclasses.dataclass
+class Job:
+  """What the loop runs: training itself, or a student's distillation (ddpm_jax/distill.py).
+
+  Attributes:
+    state: the state to continue from (restored, or fresh at step 0).
+    start_step: its step.
+    steps_fn: the pure `steps_fn(state, batches, seed_key) -> (state, metrics)` of
+      `train_state.train_steps`' contract; the loop jits it over the mesh.
+    grid_fn: `grid_fn(state) -> images [N, H, W, C]` in [-1, 1], the EMA's samples for a
+      sample grid (the same key every time); None: no grids.
+    grid_labels: the grid's class labels [N] (one row per class), or None.
+    throughput: images/s, FLOP/s and MFU of a step.
+    fid: Inception FID during training, or None.
+    after_step: called with (step, state) after each call of `steps_fn`, before that step's
+      checkpoint; returns True to checkpoint that step whatever the interval (the end of a
+      distillation round, whose student it has saved).
+  """
+
+  state: Any
+  start_step: int
+  steps_fn: Callable[..., Any]
+  grid_fn: Callable[[Any], jax.Array] | None = None
+  grid_labels: np.ndarray | None = None
+  throughput: Any = None
+  fid: Any = None
+  after_step: Callable[[int, Any], bool] | None = None
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh: Any,
+  make_job: Callable[..., Job],
+) -> dict[str, float]:
+  """Takes the workdir and runs `make_job`'s job until `config.training.num_train_steps`.
+
+  The loop's promises hold for every job: one trainer per workdir, a committed
+  checkpoint on SIGTERM, a resume that continues bit for bit, metrics.jsonl
+  consistent with the checkpointed state.
+
+  Args:
+    config: a validated config; its `training` block sets the steps, batch and intervals.
+    workdir: local folder or gs:// URL; checkpoints go to its `checkpoints/`.
+    mesh: the data mesh.
+    make_job: `make_job(config, workdir, mesh, ckpt, is_chief) -> Job`, called once the
+      workdir is locked.
+  """
   workdir = files.absolute(workdir)
   # A missing or forbidden bucket fails here, naming it, before any work.
   gcs.check_bucket(workdir)
@@ -325,20 +377,24 @@ def train_and_evaluate(
     )
     stack.callback(ckpt.close)
     preemption = stack.enter_context(_Preemption(ckpt))
-    return _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock)
+    job = make_job(config, workdir, mesh, ckpt, is_chief)
+    return _loop(config, workdir, mesh, ckpt, preemption, is_chief, check_lock, job)
 
 
-def _restore(config, workdir, mesh, ckpt, model, image_shape):
-  """The newest readable checkpoint's (state, step); None when there is no checkpoint."""
+def restore(config, workdir, mesh, ckpt, abstract, check_config=None):
+  """The newest readable checkpoint's (state, step); None when there is no checkpoint.
+
+  Args:
+    abstract: the state's shapes, dtypes and shardings (`jax.eval_shape`).
+    check_config: refuses a checkpoint made with another config (default:
+      `checkpointing.check_resume_compatible`).
+  """
   if not ckpt.all_steps():
     return None
-  abstract = checkpointing.abstract_train_state(model, config, image_shape, mesh)
-  state, step = ckpt.restore(
-    abstract,
-    check_config=functools.partial(
-      checkpointing.check_resume_compatible, config=config, workdir=workdir
-    ),
+  check_config = check_config or functools.partial(
+    checkpointing.check_resume_compatible, config=config, workdir=workdir
   )
+  state, step = ckpt.restore(abstract, check_config=check_config)
   # Newer steps failed to restore; out of the way, or saving them again would fail.
   ckpt.set_aside([s for s in ckpt.all_steps() if s > step])
   if int(state.step) != step:
@@ -347,53 +403,54 @@ def _restore(config, workdir, mesh, ckpt, model, image_shape):
   return state, step
 
 
-def _create(config, workdir, mesh, model, image_shape, is_chief):
-  """A fresh state at step 0."""
+def start_state(create, mesh, key, config, workdir, is_chief):
+  """A fresh state at step 0 from `create(key)`, jitted onto the mesh; writes config.json."""
 
-  def create(key):
-    state = train_state_lib.create_train_state(model, config, key, image_shape)
+  def typed(key):
+    state = create(key)
     # A restored step is a strongly typed int32. The same type here makes a
     # fresh and a resumed run the same program: one compile, one cache entry.
     return state.replace(step=jnp.asarray(state.step, jnp.int32))
 
-  init = jax.jit(create, out_shardings=sharding_lib.replicated(mesh))
-  state = init(streams.key(config.seed, streams.Stream.INIT))
+  state = jax.jit(typed, out_shardings=sharding_lib.replicated(mesh))(key)
   if is_chief:
     files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort())
   return state, 0
 
 
-def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dict[str, float]:
+def _training_job(config, workdir, mesh, ckpt, is_chief) -> Job:
+  """Training a model from scratch or from the workdir's newest checkpoint."""
   tc = config.training
   model, d, image_shape = inference.build_model_and_diffusion(config)
-  config_json = config.to_json_best_effort()
   # Cheap checks first: reading a checkpoint refuses another model before the
   # dataset is prepared and anything is compiled.
-  restored = _restore(config, workdir, mesh, ckpt, model, image_shape)
+  abstract = checkpointing.abstract_train_state(model, config, image_shape, mesh)
+  restored = restore(config, workdir, mesh, ckpt, abstract)
   # Prepares the dataset if needed and checks it against the config (channels, sizes).
   input_pipeline.dataset_info(config)
-  state, start_step = restored or _create(config, workdir, mesh, model, image_shape, is_chief)
-
-  k = tc.steps_per_call
-  seed_key = jax.random.key(config.seed)
-  grid_key = streams.key(config.seed, streams.Stream.GRID)
-  # From the state itself: its static parts (apply_fn, tx) must match exactly.
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  train_fn = jax.jit(
-    functools.partial(train_state_lib.train_steps, diffusion=d, config=config),
-    in_shardings=(
-      state_sharding,
-      sharding_lib.batch_sharded(mesh, 1),
-      sharding_lib.replicated(mesh),
-    ),
-    out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
-    donate_argnums=0,
+  state, start_step = restored or start_state(
+    functools.partial(train_state_lib.create_train_state, model, config, image_shape=image_shape),
+    mesh,
+    streams.key(config.seed, streams.Stream.INIT),
+    config,
+    workdir,
+    is_chief,
   )
-  sample_fn = None
-  grid_labels = None
+  job = Job(
+    state=state,
+    start_step=start_step,
+    steps_fn=functools.partial(train_state_lib.train_steps, diffusion=d, config=config),
+    throughput=throughput_lib.for_training(
+      config,
+      image_shape,
+      model.out_ch,
+      device_kind=mesh.devices.flat[0].device_kind,
+      num_devices=mesh.devices.size,
+    ),
+  )
   if config.model.num_classes > 0:
     # The configured classes in turn (every class unless set), so the grids show each improving.
-    grid_labels = inference.class_labels(config, tc.num_sample_images)
+    job.grid_labels = inference.class_labels(config, tc.num_sample_images)
   if tc.sample_every_steps > 0:
     sample_fn = inference.make_sample_fn(
       model,
@@ -404,10 +461,38 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
       num_steps=config.sampling.grid_num_steps,
       mesh=mesh,
     )
-
-  fid = None
+    # The same key every time, so successive grids show the same samples improving.
+    grid_key = streams.key(config.seed, streams.Stream.GRID)
+    if job.grid_labels is None:
+      job.grid_fn = lambda state: sample_fn(state.ema_params, grid_key)
+    else:
+      job.grid_fn = lambda state: sample_fn(
+        state.ema_params, grid_key, job.grid_labels, config.sampling.guidance_scale
+      )
   if tc.fid_every_steps > 0:
-    fid = _TrainingFID(config, model, d, image_shape, mesh)
+    job.fid = _TrainingFID(config, model, d, image_shape, mesh)
+  return job
+
+
+def _loop(config, workdir, mesh, ckpt, preemption, is_chief, check_lock, job) -> dict[str, float]:
+  tc = config.training
+  config_json = config.to_json_best_effort()
+  state, start_step = job.state, job.start_step
+  k = tc.steps_per_call
+  seed_key = jax.random.key(config.seed)
+  # From the state itself: its static parts (apply_fn, tx) must match exactly.
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  train_fn = jax.jit(
+    job.steps_fn,
+    in_shardings=(
+      state_sharding,
+      sharding_lib.batch_sharded(mesh, 1),
+      sharding_lib.replicated(mesh),
+    ),
+    out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+    donate_argnums=0,
+  )
+  fid = job.fid
 
   data = input_pipeline.make_train_iterator(
     config,
@@ -421,13 +506,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
   if start_step == 0:
     writer.write_hparams(_flatten(json.loads(config_json)))
 
-  throughput = throughput_lib.for_training(
-    config,
-    image_shape,
-    model.out_ch,
-    device_kind=mesh.devices.flat[0].device_kind,
-    num_devices=mesh.devices.size,
-  )
+  throughput = job.throughput
   last_step = tc.num_train_steps
   step = start_step
   pending: list[dict[str, jax.Array]] = []  # Per-step metrics, on device until a log step.
@@ -454,6 +533,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
       step += k
       # step // k counts calls, the consecutive ids the multi-process sync point needs.
       preempted = preemption.reached(step // k)
+      must_save = job.after_step(step, state) if job.after_step is not None else False
 
       if fid is not None and _is_due(step, tc.fid_every_steps, last_step):
         measured = fid(step, state.ema_params)
@@ -479,20 +559,14 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
         ckpt.poll()  # A failed background save stops the run here, not a save later.
         check_lock()
 
-      if sample_fn is not None and _is_due(step, tc.sample_every_steps, last_step):
-        # The same key every time, so successive grids show the same samples improving.
-        if grid_labels is None:
-          samples = sample_fn(state.ema_params, grid_key)
-        else:
-          samples = sample_fn(
-            state.ema_params, grid_key, grid_labels, config.sampling.guidance_scale
-          )
+      if job.grid_fn is not None and _is_due(step, tc.sample_every_steps, last_step):
+        samples = job.grid_fn(state)
         # Every process takes part in the gather; only the chief writes.
         samples = images_lib.to_uint8(sharding_lib.gather_to_hosts(samples, f'grid_{step}'))
-        if grid_labels is None:
+        if job.grid_labels is None:
           grid = images_lib.make_grid(samples)
         else:  # One row per class.
-          grid = images_lib.class_grid(samples, grid_labels, max_columns=len(samples))
+          grid = images_lib.class_grid(samples, job.grid_labels, max_columns=len(samples))
         if is_chief:
           images_lib.save_png(
             grid,
@@ -501,7 +575,7 @@ def _train(config, workdir, mesh, ckpt, preemption, is_chief, check_lock) -> dic
           )
         writer.write_images(step, {'samples': grid[None]})
 
-      if _is_due(step, tc.checkpoint_every_steps, last_step) or preempted:
+      if _is_due(step, tc.checkpoint_every_steps, last_step) or preempted or must_save:
         save_checkpoint(ckpt, step, state, config_json)
       if preempted:
         ckpt.wait()

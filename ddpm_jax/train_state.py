@@ -304,8 +304,8 @@ def train_steps(
   batches: dict[str, Array],
   seed_key: Array,
   *,
-  diffusion: diffusion_lib.Diffusion,
-  config: ml_collections.ConfigDict,
+  step_fn: Any = None,
+  **step_keywords: Any,
 ) -> tuple[TrainState, dict[str, Array]]:
   """K steps in one call, over a stack of K batches.
 
@@ -321,17 +321,20 @@ def train_steps(
     state: the current state.
     batches: {'image': [K, B, H, W, C]}, and 'label' [K, B] for a conditional model.
     seed_key: the run's base key.
-    diffusion, config: as in `train_step`.
+    step_fn: the step, `step_fn(state, batch, rng, **step_keywords)` (default
+      `train_step`; a distillation passes its own).
+    **step_keywords: its keywords (`train_step`'s diffusion and config).
 
   Returns:
     (new state, metrics) with each metric stacked to shape [K].
   """
+  step_fn = step_fn or train_step
   num_steps = batches['image'].shape[0]
   all_metrics = []
   for i in range(num_steps):
     batch = jax.tree.map(lambda x, i=i: x[i], batches)
-    state, metrics = train_step(
-      state, batch, jax.random.fold_in(seed_key, state.step), diffusion=diffusion, config=config
+    state, metrics = step_fn(
+      state, batch, jax.random.fold_in(seed_key, state.step), **step_keywords
     )
     all_metrics.append(metrics)
   return state, jax.tree.map(lambda *xs: jnp.stack(xs), *all_metrics)
