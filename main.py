@@ -1,8 +1,9 @@
-"""ddpm-jax entry point: train, sample or evaluate a DDPM.
+"""ddpm-jax entry point: train, sample, evaluate or distil a diffusion model.
 
     python main.py --config=configs/fashion_mnist.py --workdir=runs/fmnist
     python main.py --config=configs/cifar10.py --workdir=DIR --mode=sample
     python main.py --config=configs/cifar10.py --workdir=DIR --mode=eval
+    python main.py --config=configs/cifar10.py --workdir=DIR --mode=distill
 
 Config fields can be overridden on the command line, e.g.
 `--config.training.batch_size=64`; the config is locked, so a misspelt field
@@ -14,7 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ('train', 'sample', 'eval')
+MODES = ('train', 'sample', 'eval', 'distill')
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Experiment config file (configs/*.py).', lock_config=True
@@ -42,10 +43,14 @@ def main(argv):
     from ddpm_jax import sample
 
     sample.sample_and_save(config, _WORKDIR.value)
-  else:
+  elif _MODE.value == 'eval':
     from ddpm_jax import evaluate
 
     evaluate.evaluate(config, _WORKDIR.value)
+  else:
+    from ddpm_jax import distill
+
+    distill.distill(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The diffusion process and objective (ddpm_jax/diffusion.py).
   config.diffusion = diffusion = ml_collections.ConfigDict()
   # 'ddpm': the discrete process below (Ho et al. 2020). 'edm': Karras et al. 2022's
-  # preconditioned denoiser and loss (the `edm` block; docs/edm.md), sampled with 'edm' only.
+  # preconditioned denoiser and loss (the `edm` block; docs/edm.md), sampled with 'edm' (or
+  # 'distilled', its students).
   diffusion.kind = 'ddpm'
   diffusion.beta_schedule = 'linear'
   diffusion.beta_start = 1e-4
@@ -119,7 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling = sampling = ml_collections.ConfigDict()
   # A name of ddpm_jax/sampler_table.py's table: 'ddpm' (ancestral, T steps) | 'respaced' |
   # 'ddim' | 'pc' (predictor-corrector) | 'dpm_solver' | 'unipc' (ODE solvers) | 'edm' (EDM's
-  # Heun sampler: the only one for diffusion.kind='edm'; on a DDPM model too).
+  # Heun sampler: the only one for diffusion.kind='edm'; on a DDPM model too) | 'distilled' (a
+  # student of --mode=distill, num_steps = its steps).
   sampling.sampler = 'ddpm'
   # Model calls of 'respaced', 'ddim' and the ODE solvers; Heun steps N of 'edm' (2N - 1 calls).
   sampling.num_steps = 100
@@ -156,6 +158,24 @@ def get_config() -> ml_collections.ConfigDict:
   # Labels of the samples: 'all' (every class in turn, equal counts when the number of samples
   # divides by num_classes; unset: 'all') or class indices '3' or '0,3,7' (repeated in turn).
   sampling.class_labels = config_dict.placeholder(str)
+
+  # Few-step students (--mode=distill, ddpm_jax/distill.py): progressive distillation (Salimans &
+  # Ho 2022) of the workdir's model, guided at sampling.guidance_scale when conditional, into
+  # WORKDIR/distill/; sampled with sampling.sampler='distilled' and num_steps = a student's steps.
+  config.distill = distill = ml_collections.ConfigDict()
+  # The first teacher: DDIM on this many levels. Each round halves the steps, down to num_steps,
+  # so teacher_steps / num_steps must be a power of two (here 8 rounds: 512, 256, ..., 4 steps).
+  distill.teacher_steps = 1024
+  distill.num_steps = 4
+  distill.steps_per_round = 50_000  # Salimans & Ho's CIFAR-10 runs train 50k updates a round.
+  distill.batch_size = 128
+  # Each round restarts the optimizer: warm-up, then a cosine decay to 0 by the round's end.
+  distill.learning_rate = 1e-4
+  distill.warmup_steps = 0
+  # The student's EMA, which ends each round as the next teacher (and the saved student).
+  distill.ema_decay = 0.9999
+  distill.log_every_steps = 100
+  distill.checkpoint_every_steps = 5000
 
   # Evaluation (--mode=eval).
   config.eval = evaluation = ml_collections.ConfigDict()

@@ -58,12 +58,23 @@ def abstract_train_state(model, config: ml_collections.ConfigDict, image_shape, 
 
 
 def check_resume_compatible(
-  saved_config: dict[str, Any], config: ml_collections.ConfigDict, workdir: str
+  saved_config: dict[str, Any],
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  sections: Sequence[str] = _MUST_MATCH_ON_RESUME,
 ) -> None:
-  """Raises TrainingError if the checkpoint was made with another model or process."""
+  """Raises TrainingError if the checkpoint was made with another model or process.
+
+  Args:
+    saved_config: the checkpoint's config.
+    config: the config resuming (or sampling) it.
+    workdir: named in the message.
+    sections: the config blocks that must match (a distillation adds its own).
+  """
   current = json.loads(config.to_json_best_effort())
   differences = []
-  for section in _MUST_MATCH_ON_RESUME:
+  for section in sections:
     saved, now = saved_config.get(section, {}), current.get(section, {})
     for key in sorted(set(saved) | set(now)):
       name = f'{section}.{key}'

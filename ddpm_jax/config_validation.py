@@ -8,6 +8,7 @@ work together, and says which choices are valid.
 import ml_collections
 
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import distillation
 from ddpm_jax import errors
 from ddpm_jax import guidance
 from ddpm_jax import input_pipeline
@@ -95,6 +96,88 @@ def _check_edm(problems: list[str], config: ml_collections.ConfigDict) -> None:
       f"diffusion.model_var_type={dc.model_var_type!r} learns DDPM's reverse variances; {why} "
       "and samples by an ODE: use 'fixedlarge'."
     )
+
+
+def _check_distilled_sampling(problems: list[str], config: ml_collections.ConfigDict) -> None:
+  """The 'distilled' sampler: a student's step count, and no guidance other than its own."""
+  smp = config.sampling
+  if smp.grid_sampler == 'distilled':
+    problems.append(
+      "sampling.grid_sampler='distilled' samples a student, which training does not have yet; "
+      "the grids of --mode=distill come from each round's student."
+    )
+  if smp.sampler != 'distilled' or 'distill' not in config:
+    return
+  teacher_steps = config.distill.teacher_steps
+  try:
+    distillation.num_rounds(teacher_steps, smp.num_steps)
+  except ValueError:
+    problems.append(
+      f"sampling.num_steps={smp.num_steps} is not a student's step count with "
+      f'distill.teacher_steps={teacher_steps}: a student takes teacher_steps / 2^k steps '
+      f'(k >= 1), down to distill.num_steps={config.distill.num_steps}.'
+    )
+  else:
+    if not config.distill.num_steps <= smp.num_steps < teacher_steps:
+      problems.append(
+        f'sampling.num_steps={smp.num_steps}: the students take from '
+        f'{teacher_steps // 2} down to distill.num_steps={config.distill.num_steps} steps.'
+      )
+  if tuple(config.eval.get('guidance_scales', ())):
+    problems.append(
+      "eval.guidance_scales sweeps the guidance scale, which a 'distilled' student has built in "
+      '(the teacher was guided at sampling.guidance_scale): leave it empty.'
+    )
+
+
+def distill_problems(config: ml_collections.ConfigDict, num_devices: int = 1) -> list[str]:
+  """What keeps `--mode=distill` from running the config's `distill` block, one line each."""
+  problems: list[str] = []
+  dc = config.distill
+  try:
+    distillation.num_rounds(dc.teacher_steps, dc.num_steps)
+  except ValueError as e:
+    problems.append(
+      f'distill.teacher_steps={dc.teacher_steps} and distill.num_steps={dc.num_steps}: {e} '
+      '(each round halves the steps).'
+    )
+  if config.diffusion.get('kind', 'ddpm') == 'ddpm':
+    if dc.teacher_steps > config.diffusion.num_timesteps:
+      problems.append(
+        f"distill.teacher_steps={dc.teacher_steps} exceeds the process's "
+        f'{config.diffusion.num_timesteps} timesteps (the DDIM teacher steps through them).'
+      )
+    if config.diffusion.model_mean_type == 'xprev':
+      problems.append(
+        "diffusion.model_mean_type='xprev' predicts one ancestral step, not x_0: a DDIM "
+        'teacher needs an eps, x0 or v model.'
+      )
+  for name in ('steps_per_round', 'batch_size', 'learning_rate', 'log_every_steps'):
+    _positive(problems, f'distill.{name}', dc[name])
+  _positive(problems, 'distill.checkpoint_every_steps', dc.checkpoint_every_steps)
+  if dc.batch_size > 0 and dc.batch_size % num_devices:
+    problems.append(
+      f'distill.batch_size={dc.batch_size} does not divide by the {num_devices} devices.'
+    )
+  if not 0 <= dc.warmup_steps < dc.steps_per_round:
+    problems.append(
+      f'distill.warmup_steps={dc.warmup_steps} must be in [0, distill.steps_per_round='
+      f'{dc.steps_per_round}) (each round warms up, then decays).'
+    )
+  if not 0.0 <= dc.ema_decay < 1.0:
+    problems.append(f'distill.ema_decay must be in [0, 1), got {dc.ema_decay}.')
+  k = config.training.steps_per_call
+  for name in ('steps_per_round', 'log_every_steps', 'checkpoint_every_steps'):
+    if k > 0 and dc[name] > 0 and dc[name] % k:
+      problems.append(
+        f'distill.{name}={dc[name]} must be a multiple of training.steps_per_call={k}.'
+      )
+  if config.model.get('num_classes', 0) and config.sampling.guidance_scale is None:
+    problems.append(
+      'sampling.guidance_scale is unset: a class-conditional teacher is distilled guided at '
+      'that scale.'
+    )
+  return problems
 
 
 def _check_fid(problems: list[str], config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -281,6 +364,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   )
   _check_conditioning(problems, config)
   _check_ode(problems, config)
+  _check_distilled_sampling(problems, config)
 
   if problems:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(problems))

@@ -343,6 +343,103 @@ def loss(
   x = x0 + _column(sigma, x0) * noise
   target, _ = teacher_target(teacher, x, sigma, sigma_mid, sigma_next, *args)
   target = jax.lax.stop_gradient(target)
-  error = jnp.square(_like(student(x, sigma, *args), x, 'student') - target)
+  return weighted_error(_like(student(x, sigma, *args), x, 'student'), target, sigma)
+
+
+def weighted_error(denoised: Array, target: Array, sigma: Array) -> Array:
+  """max(1 / sigma^2, 1) |denoised - target|^2 per example (the "truncated SNR" weight).
+
+  Args:
+    denoised: the student's D [B, ...].
+    target: `teacher_target`'s, same shape.
+    sigma: the levels [B].
+
+  Returns:
+    [B], the mean over the non-batch axes.
+  """
+  error = jnp.square(denoised - target)
   weight = jnp.maximum(1.0 / jnp.square(sigma), 1.0)
-  return weight * jnp.mean(error, axis=tuple(range(1, x0.ndim)))
+  return weight * jnp.mean(error, axis=tuple(range(1, error.ndim)))
+
+
+# ---------------------------------------------------------------------------
+# A model's grid and the sampler table's chain.
+
+
+def levels(
+  d: diffusion_lib.Diffusion | None,
+  num_steps: int,
+  *,
+  sigma_min: float = 0.002,
+  sigma_max: float = 80.0,
+  rho: float = 7.0,
+) -> np.ndarray:
+  """A DDIM teacher's grid of `num_steps` steps: a DDPM model's (d given) or an EDM model's.
+
+  `ddpm_levels(d, num_steps)` for a DDPM model; for an EDM model (d None)
+  `edm.sigma_steps(num_steps, sigma_min=, sigma_max=, rho=)`, the grid of its own sampler.
+  """
+  if d is None:
+    return edm.sigma_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+  return ddpm_levels(d, num_steps)
+
+
+def sample_loop(
+  d: diffusion_lib.Diffusion | None,
+  model_fn: Any,
+  shape: Any,
+  rng: Array,
+  *,
+  num_steps: int,
+  teacher_steps: int,
+  sigma_min: float = 0.002,
+  sigma_max: float = 80.0,
+  rho: float = 7.0,
+  sigma_data: float | None = None,
+  model_mean_type: str = 'eps',
+  model_var_type: str = 'fixedlarge',
+  clip_denoised: bool = True,
+  x_T: Array | None = None,
+) -> Array:
+  """A distilled student's N DDIM steps (`sample`), with the signature of the project's chains.
+
+  The student of N steps steps on `coarsen(levels(., teacher_steps), N)`, the
+  grid it was distilled on. A DDPM model (sigma_data None) is `model_fn(x_t, t)`
+  of the process `d`, made a denoiser by `edm.denoiser_from_diffusion`, and
+  starts as DDIM does (prior 'vp'); an EDM model (sigma_data given) is its raw
+  network, preconditioned by `edm.precondition`, and starts at sigma_max (prior
+  've'). A class-conditional student takes its labels in `model_fn`, unguided:
+  the teacher's guidance is distilled into it.
+
+  Args:
+    d: the DDPM model's process; None for an EDM model.
+    model_fn: see above.
+    shape: static sample shape (B, ...).
+    rng: a PRNG key.
+    num_steps: the student's steps N (N model calls).
+    teacher_steps: the first teacher's steps K0 (`distill.teacher_steps`).
+    sigma_min, sigma_max, rho: an EDM model's grid (`edm.sigma_steps`).
+    sigma_data: an EDM model's data standard deviation; None for a DDPM model.
+    model_mean_type, model_var_type: a DDPM model's outputs.
+    clip_denoised: not used: the student was distilled on the unclipped ODE.
+    x_T: optional start at the first level, in EDM's variables, as in `sample`.
+
+  Returns:
+    The sample, `shape`.
+
+  Raises:
+    ValueError: for a grid of steps that is not teacher_steps / 2^k, or bad settings.
+  """
+  del clip_denoised
+  if sigma_data is not None:
+    denoiser = edm.precondition(model_fn, sigma_data=sigma_data)
+    grid, prior = (
+      levels(None, teacher_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho),
+      've',
+    )
+  else:
+    denoiser = edm.denoiser_from_diffusion(
+      d, model_fn, model_mean_type=model_mean_type, model_var_type=model_var_type
+    )
+    grid, prior = ddpm_levels(d, teacher_steps), 'vp'
+  return sample(denoiser, coarsen(grid, num_steps), shape, rng, prior=prior, x_T=x_T)

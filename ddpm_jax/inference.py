@@ -22,7 +22,9 @@ import numpy as np
 from ddpm_jax import checkpointing
 from ddpm_jax import config_validation
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import distillation
 from ddpm_jax import edm
+from ddpm_jax import errors
 from ddpm_jax import files
 from ddpm_jax import gcs
 from ddpm_jax import guidance
@@ -90,20 +92,83 @@ def make_model_fn(model: nn.Module, params: Any, mesh=None) -> Callable:
   return model_fn
 
 
-def make_denoiser(config: ml_collections.ConfigDict, im: 'InferenceModel') -> Callable:
-  """EDM's `denoiser(x, sigma, *args)` of a loaded model of either kind (no dropout).
+def denoiser_of(
+  config: ml_collections.ConfigDict, d: diffusion_lib.Diffusion, model_fn: Callable
+) -> Callable:
+  """EDM's `denoiser(x, sigma, *args)` of a `model_fn` of either kind.
 
   An EDM model's is its preconditioned network; a DDPM model's is
-  `edm.denoiser_from_diffusion` of its process. `args` (a class label [B]) reach the model.
+  `edm.denoiser_from_diffusion` of its process. `args` (a class label [B]) reach `model_fn`.
   """
-  model_fn = make_model_fn(im.model, im.ema_params, im.mesh)
   if kind_of(config) == 'edm':
     return edm.precondition(model_fn, sigma_data=config.edm.sigma_data)
   return edm.denoiser_from_diffusion(
-    im.diffusion,
+    d,
     model_fn,
     model_mean_type=config.diffusion.model_mean_type,
     model_var_type=config.diffusion.model_var_type,
+  )
+
+
+def make_denoiser(config: ml_collections.ConfigDict, im: 'InferenceModel') -> Callable:
+  """`denoiser_of` a loaded model's EMA parameters (no dropout)."""
+  return denoiser_of(config, im.diffusion, make_model_fn(im.model, im.ema_params, im.mesh))
+
+
+def params_denoiser(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  d: diffusion_lib.Diffusion,
+  params: Any,
+  x: jax.Array,
+  sigma: Any,
+  labels: Any = None,
+  *,
+  guidance_scale: Any = None,
+  dropout_rng: Any = None,
+) -> jax.Array:
+  """D(x, sigma) of the network with `params`, for training on denoisers (distillation).
+
+  A class-conditional network is guided towards `labels` at `guidance_scale`, or, with no
+  scale, conditioned on them in one call. With `dropout_rng` the network runs in training
+  mode (dropout on).
+  """
+
+  def net(x_in, t, y=None):
+    if dropout_rng is None:
+      return model.apply({'params': params}, x_in, t, y, train=False)
+    return model.apply({'params': params}, x_in, t, y, train=True, rngs={'dropout': dropout_rng})
+
+  model_fn = net
+  if labels is not None and guidance_scale is not None:
+    model_fn = guidance.guided_model_fn(
+      net,
+      labels,
+      guidance_scale,
+      null_label=num_classes_of(model),
+      model_var_type=config.diffusion.model_var_type,
+    )
+  elif labels is not None:
+    model_fn = lambda x_in, t: net(x_in, t, labels)
+  return denoiser_of(config, d, model_fn)(x, sigma)
+
+
+# A distillation (`--mode=distill`) lives in WORKDIR/DISTILL_DIR; the student that takes N
+# steps in WORKDIR/STUDENTS_DIR/N.
+DISTILL_DIR = 'distill'
+STUDENTS_DIR = 'students'
+
+
+def distill_levels(
+  config: ml_collections.ConfigDict, d: diffusion_lib.Diffusion, num_steps: int
+) -> np.ndarray:
+  """The noise levels of a DDIM teacher of `num_steps` steps (`distillation.levels`)."""
+  return distillation.levels(
+    d if kind_of(config) == 'ddpm' else None,
+    num_steps,
+    sigma_min=config.edm.sigma_min,
+    sigma_max=config.edm.sigma_max,
+    rho=config.edm.rho,
   )
 
 
@@ -207,14 +272,19 @@ def sample(
   """
   sampler_table.check(sampler, num_steps, d.num_timesteps, kind_of(config))
   options = sampler_options(config, sampler)
-  model_fn = sampling_model_fn(
-    model,
-    params,
-    model_var_type=config.diffusion.model_var_type,
-    mesh=mesh,
-    labels=labels,
-    guidance_scale=guidance_scale,
-  )
+  if sampler_table.row(sampler).student and labels is not None:
+    # A distilled student has its teacher's guidance built in: one conditional call a step.
+    conditional = make_model_fn(model, params, mesh)
+    model_fn = lambda x_t, t: conditional(x_t, t, labels)
+  else:
+    model_fn = sampling_model_fn(
+      model,
+      params,
+      model_var_type=config.diffusion.model_var_type,
+      mesh=mesh,
+      labels=labels,
+      guidance_scale=guidance_scale,
+    )
   return sampler_table.draw(
     sampler, d, model_fn, shape, rng, num_steps=num_steps, smp=config.sampling, **options
   )
@@ -234,7 +304,9 @@ def make_sample_fn(
 
   A class-conditional model's is `sample_fn(params, rng, labels, guidance_scale)`
   with labels int [B] and a scale >= 0, both checked on the host and traced,
-  so every scale shares one compiled program.
+  so every scale shares one compiled program; its `.lower(...)` takes the same
+  arguments, and `.checked(labels, guidance_scale)` gives them as the compiled
+  program takes them.
 
   Compiled once per shape; B must divide by the number of devices.
   """
@@ -264,13 +336,20 @@ def make_sample_fn(
     out_shardings=sharding_lib.batch_sharded(mesh),
   )
 
-  def conditional_sample_fn(params, rng, labels, guidance_scale):
+  def checked(labels, guidance_scale):
     labels = np.asarray(guidance.check_labels(labels, num_classes))
     if labels.shape != (shape[0],):
       raise ValueError(f'labels must have shape [B] = ({shape[0]},), got {labels.shape}.')
-    scale = guidance.check_guidance_scale(guidance_scale)
-    return jitted(params, rng, labels, np.float32(scale))
+    return labels, np.float32(guidance.check_guidance_scale(guidance_scale))
 
+  def conditional_sample_fn(params, rng, labels, guidance_scale):
+    return jitted(params, rng, *checked(labels, guidance_scale))
+
+  # Ahead-of-time compilation, as a jitted function has it (benchmarks time compiling apart).
+  conditional_sample_fn.lower = lambda params, rng, labels, guidance_scale: jitted.lower(
+    params, rng, *checked(labels, guidance_scale)
+  )
+  conditional_sample_fn.checked = checked
   return conditional_sample_fn
 
 
@@ -284,6 +363,13 @@ class InferenceModel:
   ema_params: Any
   step: int
   mesh: Any
+  # What the configured sampler samples: a distilled student's EMA parameters for
+  # 'distilled' (`load_student`), else `ema_params`.
+  sampling_params: Any = None
+
+  def __post_init__(self):
+    if self.sampling_params is None:
+      self.sampling_params = self.ema_params
 
 
 def load_inference_model(
@@ -324,7 +410,69 @@ def load_inference_model(
   finally:
     ckpt.close()
   logging.info('Loaded the EMA parameters of step %d from %s.', restored_step, directory)
-  return InferenceModel(model, d, image_shape, state.ema_params, restored_step, mesh)
+  im = InferenceModel(model, d, image_shape, state.ema_params, restored_step, mesh)
+  if config.sampling.sampler == 'distilled':
+    im.sampling_params = load_student(
+      config, workdir, config.sampling.num_steps, abstract.ema_params
+    )
+  return im
+
+
+def load_student(
+  config: ml_collections.ConfigDict, workdir: str, num_steps: int, abstract_params: Any
+) -> Any:
+  """The EMA parameters of the distilled student that samples in `num_steps` steps.
+
+  Raises:
+    checkpointing.CheckpointError: the workdir has no such student (the message lists those it has).
+    errors.TrainingError: the student was distilled with another model, teacher grid or
+      guidance scale than the config's.
+  """
+  directory = os.path.join(files.absolute(workdir), DISTILL_DIR, STUDENTS_DIR)
+  students = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    available = sorted(students.all_steps()) if files.as_path(directory).is_dir() else []
+    if num_steps not in available:
+      raise checkpointing.CheckpointError(
+        f'No {num_steps}-step student in {directory}: '
+        + (
+          f'it has students of {", ".join(map(str, available))} steps (sampling.num_steps).'
+          if available
+          else 'distil one first with --mode=distill and this --workdir.'
+        )
+      )
+    restored, _ = students.restore(
+      {'ema_params': abstract_params},
+      num_steps,
+      check_config=functools.partial(_check_student, config=config, directory=directory),
+    )
+  finally:
+    students.close()
+  logging.info('Loaded the %d-step student from %s.', num_steps, directory)
+  return restored['ema_params']
+
+
+def _check_student(saved: dict[str, Any], *, config, directory: str) -> None:
+  sections = ('model', 'diffusion') + (('edm',) if kind_of(config) == 'edm' else ())
+  checkpointing.check_resume_compatible(saved, config, directory, sections=sections)
+  problems = []
+  saved_teacher = saved['distill']['teacher_steps']
+  if saved_teacher != config.distill.teacher_steps:
+    problems.append(
+      f'distill.teacher_steps: the student has {saved_teacher}, the config '
+      f'{config.distill.teacher_steps} (its noise levels come from them)'
+    )
+  saved_scale = saved['sampling'].get('guidance_scale')
+  if config.model.num_classes and saved_scale != config.sampling.guidance_scale:
+    problems.append(
+      f'sampling.guidance_scale: the student was distilled from the teacher guided at '
+      f'{saved_scale}, the config asks for {config.sampling.guidance_scale} (a student has '
+      'its guidance built in)'
+    )
+  if problems:
+    raise errors.TrainingError(
+      f'The students in {directory} do not fit the config:\n  ' + '\n  '.join(problems)
+    )
 
 
 def sampler_name(
@@ -386,9 +534,9 @@ def generate_samples(
     key = jax.random.fold_in(base_key, index)
     if conditional:
       batch_labels = labels[index * batch_size : (index + 1) * batch_size]
-      images = sample_fn(im.ema_params, key, batch_labels, scale)
+      images = sample_fn(im.sampling_params, key, batch_labels, scale)
     else:
-      images = sample_fn(im.ema_params, key)
+      images = sample_fn(im.sampling_params, key)
     return {'images': images_lib.to_uint8(sharding_lib.gather_to_hosts(images, 'samples'))}
 
   batches = files.resumable_batches(

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import distillation
 from ddpm_jax import edm
 from ddpm_jax import sampling
 from ddpm_jax import solvers
@@ -46,6 +47,10 @@ def _edm_tag(kw: dict[str, Any]) -> str:
   return tag
 
 
+def _distilled_tag(kw: dict[str, Any]) -> str:
+  return f'_teacher{kw["teacher_steps"]}'
+
+
 _SOLVER_FIELDS = (
   ('order', 'solver_order'),
   ('dynamic_threshold', 'dynamic_threshold'),
@@ -67,6 +72,8 @@ class Sampler:
     config_fields: (keyword, dotted field of another config block) pairs.
     kinds: the `diffusion.kind`s of the models it samples.
     steps_up_to_T: num_steps may not exceed the process's T (it steps through its timesteps).
+    student: it samples a distilled student (`--mode=distill`), whose teacher's guidance is
+      built in: a class-conditional one is called once a step with its labels, unguided.
   """
 
   function: Callable[..., jax.Array]
@@ -78,6 +85,7 @@ class Sampler:
   config_fields: tuple[tuple[str, str], ...] = ()
   kinds: tuple[str, ...] = ('ddpm',)
   steps_up_to_T: bool = True
+  student: bool = False
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -136,6 +144,21 @@ SAMPLERS: dict[str, Sampler] = {
     ),
     kinds=('ddpm', 'edm'),
     steps_up_to_T=False,
+  ),
+  'distilled': Sampler(
+    distillation.sample_loop,
+    'N DDIM steps of the student distilled to take them (--mode=distill), N model calls',
+    True,
+    tag=_distilled_tag,
+    config_fields=(
+      ('teacher_steps', 'distill.teacher_steps'),
+      ('sigma_min', 'edm.sigma_min'),
+      ('sigma_max', 'edm.sigma_max'),
+      ('rho', 'edm.rho'),
+    ),
+    kinds=('ddpm', 'edm'),
+    steps_up_to_T=False,
+    student=True,
   ),
 }
 KINDS = ('ddpm', 'edm')

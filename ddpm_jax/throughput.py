@@ -209,3 +209,24 @@ def for_training(
     device_peak_tflops(device_kind, config.training.peak_tflops),
     num_devices,
   )
+
+
+def for_distillation(
+  config: Any,
+  image_shape: Sequence[int],
+  out_channels: int,
+  *,
+  device_kind: str,
+  num_devices: int,
+) -> Throughput:
+  """The `Throughput` of a distillation (`--mode=distill`): the student's training step plus
+  the teacher's two forward passes per image, each on a doubled batch when guided."""
+  forward = forward_flops_per_image(config.model, image_shape, out_channels)
+  guided = 2 if config.model.num_classes > 0 else 1
+  flops = TRAIN_FORWARD_RATIO * forward + 2 * guided * forward
+  return Throughput(
+    int(config.training.batch_size),
+    flops,
+    device_peak_tflops(device_kind, config.training.peak_tflops),
+    num_devices,
+  )

@@ -16,6 +16,10 @@ def _problems(**overrides):
   for dotted, value in overrides.items():
     section, field = dotted.split('__')
     config[section][field] = value
+  return _problems_of(config)
+
+
+def _problems_of(config):
   with pytest.raises(config_validation.ConfigError) as err:
     config_validation.validate(config)
   return str(err.value)
@@ -29,8 +33,40 @@ def test_the_defaults_are_valid():
 def test_every_sampler_is_accepted(sampler):
   config = tiny.get_config()
   config.sampling.sampler = sampler
-  config.sampling.grid_sampler = sampler
+  if sampler == 'distilled':  # A student's steps; training's grids have no student.
+    config.sampling.num_steps = config.distill.teacher_steps // 2
+  else:
+    config.sampling.grid_sampler = sampler
   config_validation.validate(config)
+
+
+def test_the_distilled_sampler_needs_a_students_steps_and_no_guidance_sweep():
+  config = tiny.get_config()
+  config.sampling.sampler = config.sampling.grid_sampler = 'distilled'
+  config.sampling.num_steps = 3
+  config.model.num_classes = 10
+  config.eval.guidance_scales = (1.0, 2.0)
+  message = _problems_of(config)
+  assert "sampling.grid_sampler='distilled' samples a student" in message
+  assert (
+    "sampling.num_steps=3 is not a student's step count with distill.teacher_steps=16" in message
+  )
+  assert 'eval.guidance_scales sweeps the guidance scale' in message
+  config = tiny.get_config()
+  config.sampling.sampler, config.sampling.num_steps = 'distilled', 16
+  assert 'the students take from 8 down to distill.num_steps=1 steps' in _problems_of(config)
+
+
+def test_distill_problems_name_each_field():
+  config = tiny.get_config()
+  config.distill.update(teacher_steps=12, num_steps=4, steps_per_round=0, warmup_steps=5)
+  config.distill.ema_decay = 1.0
+  problems = '\n'.join(config_validation.distill_problems(config, num_devices=3))
+  assert 'distill.teacher_steps=12 and distill.num_steps=4' in problems
+  assert 'distill.steps_per_round must be > 0, got 0' in problems
+  assert 'distill.batch_size=64 does not divide by the 3 devices' in problems
+  assert 'distill.ema_decay must be in [0, 1), got 1.0' in problems
+  assert config_validation.distill_problems(tiny.get_config()) == []
 
 
 def test_bad_choices_name_the_valid_ones_all_at_once():
@@ -46,7 +82,8 @@ def test_bad_choices_name_the_valid_ones_all_at_once():
     '(the paper)); respaced (K ancestral steps of a respaced process); ddim (K DDIM steps); '
     'pc (T ancestral steps, each after Langevin corrector steps); dpm_solver (K steps of '
     "DPM-Solver++); unipc (K steps of UniPC); edm (N Heun steps of EDM's sampler, 2N - 1 model "
-    'calls).' in message
+    'calls); distilled (N DDIM steps of the student distilled to take them (--mode=distill), N '
+    'model calls).' in message
   )
   assert (
     'sampling.solver_order, sampling.dynamic_threshold, sampling.solver_final_sigma: '
@@ -103,7 +140,7 @@ def test_an_edm_model_takes_only_the_edm_sampler():
   for field, name in (('sampler', 'dpm_solver'), ('grid_sampler', 'respaced')):
     assert (
       f"sampling.{field}: Sampler {name!r} does not sample a diffusion.kind='edm' model; the "
-      'samplers that do: edm.' in str(err.value)
+      'samplers that do: edm, distilled.' in str(err.value)
     )
 
 

@@ -39,6 +39,7 @@ RANKS = [
   {'checkpointing'},
   {'inference'},
   {'train', 'sample', 'evaluate'},
+  {'distill'},
 ]
 # Independent of everything above the leaves, whatever their rank.
 INDEPENDENT = {'kernels', 'models', 'datasets', 'input_pipeline', 'metrics'}
