@@ -4,9 +4,12 @@
         --workdir=runs/fashion_mnist [--num_samples=2000] [--rows=ddpm1000,ddim50,...]
 
 For each row (a sampler and its number of steps) this draws `num_samples`
-images from the workdir's EMA parameters with the config's seed. Every
-sampler starts from the same x_T (the same key), so the rows differ only in
-how they integrate. Each is judged by the Frechet distance in the config's
+images from the workdir's EMA parameters with the config's seed (a
+'distilled' row: from the student of --mode=distill that takes its steps). A
+class-conditional model draws the configured classes in turn at the
+configured guidance scale, as `--mode=eval` does; each guided call is two
+network evaluations, a student's one. Every sampler starts from the same
+noise (the same key), so the rows differ only in how they integrate. Each is judged by the Frechet distance in the config's
 sample-quality features (the domain classifier's for Fashion-MNIST) against
 the eval split, with its spread: the standard deviation of the distance over
 bootstrap resamples of the samples. The real-data floor is the distance of as
@@ -66,6 +69,7 @@ class Row:
       'dpm_solver': f'DPM-Solver++ ({self.order})',
       'unipc': f'UniPC ({self.order})',
       'edm': "EDM's Heun" + (', churn' if self.churn else ''),
+      'distilled': 'distilled student',
     }[self.sampler]
     return family
 
@@ -87,6 +91,10 @@ ROWS += [Row(f'edm{2 * n - 1}', 'edm', n) for n in (5, 10, 18)]
 ROWS += [
   Row(f'edm{2 * n - 1}_churn', 'edm', n, churn=(30.0, 0.01, 1.0, 1.007)) for n in (5, 10, 18)
 ]
+# Few calls, beside the students of --mode=distill (the default's teacher is DDIM on 16 levels).
+ROWS += [Row(f'ddim{k}', 'ddim', k) for k in (4, 8, 16)]
+ROWS += [Row(f'dpm2_{k}', 'dpm_solver', k, 2) for k in (4, 8)]
+ROWS += [Row(f'distilled{k}', 'distilled', k) for k in (1, 2, 4, 8)]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
 
@@ -101,13 +109,18 @@ def _row_config(config, row: Row):
   return config
 
 
-def draw(config, im: inference.InferenceModel, row: Row, num_samples: int, out_dir: str):
+def draw(
+  config, im: inference.InferenceModel, workdir: str, row: Row, num_samples: int, out_dir: str
+):
   """(uint8 samples [N, H, W, C], sampling seconds, compile seconds, mean load) of a row.
 
   Batch i uses fold_in(sample key, i), as `--mode=sample` does, and stores its
   own wall time and load, so a resumed row still reports the time it took.
   """
   config = _row_config(config, row)
+  params = im.ema_params
+  if row.sampler == 'distilled':  # The student of this many steps (--mode=distill).
+    params = inference.load_inference_model(config, workdir).sampling_params
   batch_size = config.sampling.batch_size
   num_batches = -(-num_samples // batch_size)
   sample_fn = inference.make_sample_fn(
@@ -121,15 +134,22 @@ def draw(config, im: inference.InferenceModel, row: Row, num_samples: int, out_d
   )
   base_key = streams.key(config.seed, streams.Stream.SAMPLE)
   compiled = {}
+  conditional = bool(config.model.num_classes)
+  if conditional:  # As `--mode=sample` and `--mode=eval` draw them: the classes in turn.
+    labels = inference.class_labels(config, num_batches * batch_size)
 
   def compute(index, _):
     key = jax.random.fold_in(base_key, index)
+    args = (params, key)
+    if conditional:
+      batch_labels = labels[index * batch_size : (index + 1) * batch_size]
+      args += sample_fn.checked(batch_labels, config.sampling.guidance_scale)
     if 'fn' not in compiled:
       start = time.perf_counter()
-      compiled['fn'] = sample_fn.lower(im.ema_params, key).compile()
+      compiled['fn'] = sample_fn.lower(*args).compile()
       compiled['seconds'] = time.perf_counter() - start
     start = time.perf_counter()
-    images = jax.block_until_ready(compiled['fn'](im.ema_params, key))
+    images = jax.block_until_ready(compiled['fn'](*args))
     seconds = time.perf_counter() - start
     return {
       'images': images_lib.to_uint8(np.asarray(images)),
@@ -204,29 +224,25 @@ def plot(results: dict, path: str) -> None:
 
 def table(results: dict) -> str:
   lines = [
-    f'| sampler | model calls | {results["metric"]} | spread (bootstrap std) '
-    '| sampling wall time | load average |',
-    '|---|---|---|---|---|---|',
+    f'| sampler | model calls | network evaluations | {results["metric"]} '
+    '| spread (bootstrap std) | sampling wall time | load average |',
+    '|---|---|---|---|---|---|---|',
   ]
   for r in results['rows']:
     lines.append(
-      f'| {r["label"]} | {r["model_calls"]} | {r["fd"]:.2f} | {r["fd_spread"]:.2f} '
+      f'| {r["label"]} | {r["model_calls"]} | {r.get("network_evaluations", r["model_calls"])} '
+      f'| {r["fd"]:.2f} | {r["fd_spread"]:.2f} '
       f'| {r["sampling_seconds"]:.0f} s | {r["load_average"]:.1f} |'
     )
   floor = results['real_data_floor']
   lines.append(
-    f'| real training images | - | {floor["fd"]:.2f} | {floor["fd_spread"]:.2f} | - | - |'
+    f'| real training images | - | - | {floor["fd"]:.2f} | {floor["fd_spread"]:.2f} | - | - |'
   )
   return '\n'.join(lines) + '\n'
 
 
 def run(config, workdir: str, rows: list[str], num_samples: int, resamples: int, out: str) -> dict:
   """Runs the named rows on the workdir's newest checkpoint; returns (and writes) the results."""
-  if config.model.num_classes:
-    raise ValueError(
-      'sampler_quality compares samplers on an unconditional model; a class-conditional '
-      "one is measured per guidance scale by --mode=eval's guidance sweep (eval.guidance_scales)."
-    )
   files.makedirs(out)
   im = inference.load_inference_model(config, workdir)
   eval_dir = os.path.join(files.absolute(workdir), 'eval')
@@ -252,18 +268,24 @@ def run(config, workdir: str, rows: list[str], num_samples: int, resamples: int,
     num_samples=num_samples,
     seed=config.seed,
     batch_size=config.sampling.batch_size,
+    # A guided call evaluates the network twice (one batch of 2B); unconditional: once.
+    guidance_scale=config.sampling.guidance_scale if config.model.num_classes else None,
+    class_labels=str(config.sampling.class_labels) if config.model.num_classes else None,
+    network_evaluations_per_call=2 if config.model.num_classes else 1,
     spread=f'standard deviation over {resamples} bootstrap resamples of the samples',
     real_data_floor=dict(fd=floor, fd_spread=floor_spread, split=config.data.train_split),
     rows=[],
   )
+  guided = bool(config.model.num_classes)
   for name in rows:
     row = ROW_BY_NAME[name]
     samples, seconds, compile_seconds, load = draw(
-      config, im, row, num_samples, os.path.join(out, name)
+      config, im, workdir, row, num_samples, os.path.join(out, name)
     )
     fd, spread = fd_with_spread(
       extractor(samples)[0], ref_mu, ref_sigma, num_resamples=resamples, seed=config.seed
     )
+    calls = im.diffusion.num_timesteps if row.sampler == 'ddpm' else row.model_calls
     results['rows'].append(
       dict(
         name=name,
@@ -271,7 +293,9 @@ def run(config, workdir: str, rows: list[str], num_samples: int, resamples: int,
         sampler=row.sampler,
         num_steps=row.num_steps,
         order=row.order,
-        model_calls=im.diffusion.num_timesteps if row.sampler == 'ddpm' else row.model_calls,
+        model_calls=calls,
+        # A guided call is two network evaluations; a distilled student's has its guidance built in.
+        network_evaluations=calls * (2 if guided and row.sampler != 'distilled' else 1),
         fd=fd,
         fd_spread=spread,
         sampling_seconds=seconds,

@@ -379,6 +379,29 @@ def test_the_sampler_guides_with_the_scale_it_is_given(trained_conditional):
     sample_fn(params, key, labels, -1.0)
 
 
+def test_sampler_quality_samples_a_conditional_model_as_mode_sample_does(
+  trained_conditional, tmp_path
+):
+  """Guided rows: the classes in turn at the configured scale, the draws of --mode=sample."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+  import sampler_quality  # pylint: disable=g-import-not-at-top
+
+  config, workdir = trained_conditional
+  workdir = _copy_workdir(workdir, tmp_path)
+  out = str(tmp_path / 'quality')
+  results = sampler_quality.run(config, workdir, ['edm9'], 10, 5, out)
+  (row,) = results['rows']
+  assert row['model_calls'] == 9 and row['compile_seconds'] > 0
+  assert results['guidance_scale'] == 2.0 and results['network_evaluations_per_call'] == 2
+  drawn = np.load(os.path.join(out, 'edm9', 'batch_00000.npz'))['images']
+  config = config.copy_and_resolve_references()
+  config.sampling.sampler, config.sampling.num_steps = 'edm', 5
+  im = inference.load_inference_model(config, workdir)
+  np.testing.assert_array_equal(
+    drawn, inference.generate_samples(config, im, len(drawn), str(tmp_path / 'direct'))
+  )
+
+
 def test_a_conditional_checkpoint_sampled_with_an_unconditional_config_is_a_clear_error(
   trained_conditional,
 ):
