@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --peers
-exec .venv/bin/python -m pytest -n 2 "$@"
+# loadscope: a module's tests share one worker, so its module fixtures (trained runs) are built once.
+exec .venv/bin/python -m pytest -n 2 --dist loadscope "$@"
