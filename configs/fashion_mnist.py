@@ -66,13 +66,13 @@ def get_config():
   # scale 2, leave students of 8, 4, 2 and 1 steps; sized to take about as long as training.
   config.distill.teacher_steps = 16
   config.distill.num_steps = 1
-  config.distill.steps_per_round = 120
+  config.distill.steps_per_round = 70
   config.distill.batch_size = 64
   config.distill.learning_rate = 3e-4
   config.distill.warmup_steps = 10
   config.distill.ema_decay = 0.98
-  config.distill.log_every_steps = 20
-  config.distill.checkpoint_every_steps = 40
+  config.distill.log_every_steps = 10
+  config.distill.checkpoint_every_steps = 35
 
   # Sized for 2 CPU cores: the bound costs T = 1000 forward passes per image.
   config.eval.batch_size = 50

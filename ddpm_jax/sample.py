@@ -50,7 +50,10 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str) -> str:
         os.path.join(samples_dir, f'{name}_classes.png'),
         upscale=scale,
       )
-    if config.sampling.figures and inference.kind_of(config) == 'edm':
+    if config.sampling.figures and (
+      inference.kind_of(config) == 'edm' or config.sampling.sampler == 'distilled'
+    ):
+      # They follow the teacher's ancestral chains, which neither an EDM model nor a student has.
       logging.info('No figures: the progressive and interpolation figures follow DDPM chains.')
     elif config.sampling.figures:
       save_figures(config, im, samples_dir, name)

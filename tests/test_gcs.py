@@ -15,7 +15,8 @@ runs are shared between the assertions:
   * 'resumed': the same command again; it pauses after step 3 while a second
     trainer is refused, then the server is unreachable for a few seconds
     from the moment checkpoint 4 is being uploaded again;
-  * 'sample', 'eval': --mode=sample and --mode=eval on the same workdir.
+  * 'sample', 'eval': --mode=sample and --mode=eval on the same workdir;
+  * 'distill', 'sample_distilled': --mode=distill on it, then --mode=sample of its student.
 
 Two processes that share only the server: tests/test_gcs_multihost.py.
 """
@@ -42,6 +43,16 @@ WORKDIR = f'gs://{gh.BUCKET}/run'
 # Six steps, a checkpoint every two, every step's metrics, a sample grid at the end.
 STEPS = dict(num_train_steps=6, checkpoint_every_steps=2, log_every_steps=1, sample_every_steps=6)
 OUTAGE_S = 5
+DISTILL_FLAGS = [
+  '--config.distill.teacher_steps=4',
+  '--config.distill.num_steps=2',
+  '--config.distill.steps_per_round=2',
+  '--config.distill.batch_size=8',
+  '--config.distill.warmup_steps=0',
+  '--config.distill.log_every_steps=1',
+  '--config.distill.checkpoint_every_steps=2',
+]
+DISTILLED_SAMPLER = ['--config.sampling.sampler=distilled', '--config.sampling.num_steps=2']
 
 
 def _wait_for(condition, process, what, timeout=th.TIMEOUT_S):
@@ -140,6 +151,23 @@ def runs(server, data_dirs, tmp_path_factory):
       log,
     )
     times[mode] = time.time() - start
+
+  # --mode=distill on the trained gs:// workdir (one round: a 2-step student of a 4-step
+  # teacher), then --mode=sample of that student.
+  for mode, extra in (('distill', []), ('sample_distilled', DISTILLED_SAMPLER)):
+    log = str(root / f'{mode}.log')
+    start = time.time()
+    results[mode] = th.finish(
+      gh.start_trainer(
+        server,
+        WORKDIR,
+        th.config_flags(data_dirs) + DISTILL_FLAGS + extra + [f'--mode={mode.split("_")[0]}'],
+        log,
+        th.MAIN,
+      ),
+      log,
+    )
+    times[mode] = time.time() - start
   print('GCS run wall times (s):', {k: round(v, 1) for k, v in times.items()})
   return types.SimpleNamespace(
     config=config,
@@ -226,7 +254,11 @@ def _sample_and_eval_on_gs(runs):
     code, output = runs.results[mode]
     assert code == 0, output[-5000:]
   samples = os.path.join(runs.workdir, 'samples')
-  npz = [name for name in os.listdir(samples) if name.endswith('.npz')]
+  npz = [
+    name
+    for name in os.listdir(samples)
+    if name.endswith('.npz') and not name.startswith('distilled')
+  ]
   assert len(npz) == 1, os.listdir(samples)
   with np.load(os.path.join(samples, npz[0])) as data:
     assert data['images'].shape == (runs.config.sampling.num_samples, 16, 16, 1)
@@ -238,6 +270,18 @@ def _sample_and_eval_on_gs(runs):
   assert os.path.isfile(os.path.join(runs.workdir, 'eval', 'rate_distortion_step_6.png'))
 
 
+def _distill_and_sample_the_student_on_gs(runs):
+  for mode in ('distill', 'sample_distilled'):
+    code, output = runs.results[mode]
+    assert code == 0, output[-5000:]
+  distilled = os.path.join(runs.workdir, 'distill')
+  assert 'commit_success.txt' in os.listdir(os.path.join(distilled, 'students', '2'))
+  assert [r['step'] for r in th.read_metrics(distilled)] == [1, 2]
+  samples = os.path.join(runs.workdir, 'samples')
+  npz = [name for name in os.listdir(samples) if name.startswith('distilled2_teacher4')]
+  assert len(npz) == 1 and npz[0].endswith('.npz'), os.listdir(samples)
+
+
 def test_main_py_on_a_gs_workdir(runs):
   """Every check reads the same runs: one test, so that no two pytest-xdist workers redo them."""
   _a_missing_or_forbidden_bucket_fails_at_once_naming_it(runs)
@@ -247,3 +291,4 @@ def test_main_py_on_a_gs_workdir(runs):
   _storage_unreachable_for_seconds_mid_run_loses_no_step(runs)
   _throughput_is_in_the_progress_line(runs)
   _sample_and_eval_on_gs(runs)
+  _distill_and_sample_the_student_on_gs(runs)
