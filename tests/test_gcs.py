@@ -278,8 +278,10 @@ def _distill_and_sample_the_student_on_gs(runs):
   assert 'commit_success.txt' in os.listdir(os.path.join(distilled, 'students', '2'))
   assert [r['step'] for r in th.read_metrics(distilled)] == [1, 2]
   samples = os.path.join(runs.workdir, 'samples')
-  npz = [name for name in os.listdir(samples) if name.startswith('distilled2_teacher4')]
-  assert len(npz) == 1 and npz[0].endswith('.npz'), os.listdir(samples)
+  npz = [
+    n for n in os.listdir(samples) if n.startswith('distilled2_teacher4') and n.endswith('.npz')
+  ]
+  assert len(npz) == 1, os.listdir(samples)
 
 
 def test_main_py_on_a_gs_workdir(runs):
