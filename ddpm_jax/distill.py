@@ -104,6 +104,17 @@ def _new_state(model, rc, image_shape, key, teacher_params=None) -> DistillState
   )
 
 
+def abstract_state(model, rc, image_shape, mesh) -> DistillState:
+  """Shapes, dtypes and (replicated) shardings of a distillation's state, without allocating it."""
+  abstract = jax.eval_shape(
+    functools.partial(_new_state, model, rc, image_shape), jax.random.key(0)
+  )
+  replicated = sharding_lib.replicated(mesh)
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+  )
+
+
 def distill_step(
   state: DistillState,
   batch: dict[str, Array],
@@ -232,19 +243,12 @@ def _check_resume(saved_config: dict[str, Any], *, config, workdir) -> None:
 def _job(rc, workdir, mesh, ckpt, is_chief, *, teacher, teacher_workdir) -> train.Job:
   dc = rc.distill
   model, d, image_shape = teacher.model, teacher.diffusion, teacher.image_shape
-  abstract_state = jax.eval_shape(
-    functools.partial(_new_state, model, rc, image_shape), jax.random.key(0)
-  )
-  replicated = sharding_lib.replicated(mesh)
-  abstract_state = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state
-  )
   restored = train.restore(
     rc,
     workdir,
     mesh,
     ckpt,
-    abstract_state,
+    abstract_state(model, rc, image_shape, mesh),
     check_config=functools.partial(_check_resume, config=rc, workdir=workdir),
   )
   input_pipeline.dataset_info(rc)

@@ -235,14 +235,7 @@ def sample(
   chain.check_rng(rng)
   init_key, _ = jax.random.split(rng)
   scale = float(np.sqrt(1.0 + levels[0] ** 2) if prior == 'vp' else levels[0])
-  if x_T is None:
-    x_start = scale * jax.random.normal(init_key, shape, jnp.float32)
-  else:
-    if tuple(jnp.shape(x_T)) != shape:
-      raise ValueError(f'x_T must have the sample shape {shape}, got {tuple(jnp.shape(x_T))}.')
-    if not jnp.issubdtype(jnp.result_type(x_T), jnp.floating):
-      raise ValueError(f'x_T must be a float array, got dtype {jnp.result_type(x_T)}.')
-    x_start = jnp.asarray(x_T)
+  x_start = edm.initial_sample(shape, init_key, x_T, scale)
   dtype = x_start.dtype
 
   def body(x, step):

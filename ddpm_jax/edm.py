@@ -240,10 +240,10 @@ def _evaluation_plan(
   return step, first, sigma, (t_next - t_hat)[step], np.where(first, noise_scale[step], 0.0)
 
 
-def _initial_sample(shape: tuple[int, ...], rng: Array, x_T: Any, sigma_max: float) -> Array:
-  """sigma_max * N(0, I) in float32 from `rng`, or the given x_T (its float dtype kept)."""
+def initial_sample(shape: tuple[int, ...], rng: Array, x_T: Any, scale: float) -> Array:
+  """scale * N(0, I) in float32 from `rng`, or the given x_T (checked; its float dtype kept)."""
   if x_T is None:
-    return sigma_max * jax.random.normal(rng, shape, jnp.float32)
+    return scale * jax.random.normal(rng, shape, jnp.float32)
   if tuple(jnp.shape(x_T)) != shape:
     raise ValueError(f'x_T must have the sample shape {shape}, got {tuple(jnp.shape(x_T))}.')
   if not jnp.issubdtype(jnp.result_type(x_T), jnp.floating):
@@ -309,7 +309,7 @@ def sample(
   levels = sigma_steps(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
   churn = _check_churn(S_churn, S_min, S_max, S_noise)
   init_key, noise_key = jax.random.split(rng)
-  x_start = _initial_sample(shape, init_key, x_T, sigma_max)
+  x_start = initial_sample(shape, init_key, x_T, sigma_max)
   dtype = x_start.dtype
   steps, firsts, sigmas, step_sizes, noise_scales = _evaluation_plan(levels, churn)
   with_churn = bool(np.any(noise_scales > 0))

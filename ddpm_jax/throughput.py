@@ -203,6 +203,10 @@ def for_training(
     flops / 1e9,
     flops / TRAIN_FORWARD_RATIO / 1e9,
   )
+  return _for_run(config, flops, device_kind, num_devices)
+
+
+def _for_run(config: Any, flops: float, device_kind: str, num_devices: int) -> Throughput:
   return Throughput(
     int(config.training.batch_size),
     flops,
@@ -224,9 +228,4 @@ def for_distillation(
   forward = forward_flops_per_image(config.model, image_shape, out_channels)
   guided = 2 if config.model.num_classes > 0 else 1
   flops = TRAIN_FORWARD_RATIO * forward + 2 * guided * forward
-  return Throughput(
-    int(config.training.batch_size),
-    flops,
-    device_peak_tflops(device_kind, config.training.peak_tflops),
-    num_devices,
-  )
+  return _for_run(config, flops, device_kind, num_devices)

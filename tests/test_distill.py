@@ -72,14 +72,7 @@ def _restore_distill(workdir, config):
   """The DistillState of W/distill's newest checkpoint."""
   model, _, image_shape = inference.build_model_and_diffusion(config)
   mesh = sharding_lib.make_mesh()
-  rc = distill.run_config(config)
-  abstract = jax.eval_shape(
-    lambda key: distill._new_state(model, rc, image_shape, key), jax.random.key(0)
-  )
-  replicated = sharding_lib.replicated(mesh)
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-  )
+  abstract = distill.abstract_state(model, distill.run_config(config), image_shape, mesh)
   ckpt = checkpointing.Checkpointer(
     os.path.join(workdir, inference.DISTILL_DIR, 'checkpoints'), read_only=True
   )
@@ -204,16 +197,6 @@ def test_a_round_ends_with_the_students_ema_as_teacher_and_new_student(teacher):
 # The real loop, interrupted.
 
 
-def _preempt_at(step, make_train_iterator):
-  def make(config, *, start_step=0, **kwargs):
-    for index, batch in enumerate(make_train_iterator(config, start_step=start_step, **kwargs)):
-      if start_step + index == step:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-
-  return make
-
-
 @pytest.fixture(scope='module')
 def chain(teacher, tmp_path_factory):
   """An uninterrupted distillation, and one preempted after step 1, killed at 3, then finished."""
@@ -224,7 +207,7 @@ def chain(teacher, tmp_path_factory):
   distill.distill(config, reference)
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(
-      input_pipeline, 'make_train_iterator', _preempt_at(0, input_pipeline.make_train_iterator)
+      input_pipeline, 'make_train_iterator', th.preempt_at(0, input_pipeline.make_train_iterator)
     )
     distill.distill(config, interrupted)
   preempted = th.committed_steps(os.path.join(interrupted, inference.DISTILL_DIR))

@@ -204,18 +204,6 @@ def test_the_edm_sampler_guides_either_kind_of_model_through_inference(kind):
 CHAIN = dict(num_train_steps=4, checkpoint_every_steps=4, log_every_steps=1, sample_every_steps=0)
 
 
-def _preempt_at(step, make_train_iterator):
-  """`make_train_iterator` that sends this process SIGTERM when batch `step` is drawn."""
-
-  def make(config, *, start_step=0, **kwargs):
-    for index, batch in enumerate(make_train_iterator(config, start_step=start_step, **kwargs)):
-      if start_step + index == step:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-
-  return make
-
-
 @pytest.fixture(scope='module')
 def chain(tmp_path_factory):
   """A class-conditional EDM run, uninterrupted; and one preempted, then killed, then finished.
@@ -230,7 +218,7 @@ def chain(tmp_path_factory):
   train.train_and_evaluate(config, reference)
   with pytest.MonkeyPatch.context() as patch, _log_records() as records:
     patch.setattr(
-      input_pipeline, 'make_train_iterator', _preempt_at(1, input_pipeline.make_train_iterator)
+      input_pipeline, 'make_train_iterator', th.preempt_at(1, input_pipeline.make_train_iterator)
     )
     train.train_and_evaluate(config, workdir)
   preempted = (th.committed_steps(workdir), '\n'.join(records))
