@@ -233,7 +233,9 @@ def evaluate_ode_bpd(
     per_example = {k: out[k] for k in ('bpd', 'prior_bpd', 'flow_bpd')}
     return dict(per_example, nfe=jnp.broadcast_to(out['nfe'], out['bpd'].shape))
 
-  tag = f'{ec.ode_solver}_{ec.ode_divergence}{ec.ode_num_probes}'
+  # Every setting that changes the numbers names the batches' directory, so none is reused.
+  accuracy = f'tol{ec.ode_tolerance:g}' if ec.ode_solver == 'rk45' else f'{ec.ode_num_steps}steps'
+  tag = f'{ec.ode_solver}{accuracy}_{ec.ode_divergence}{ec.ode_num_probes}'
   out = _over_eval_examples(
     config,
     im,
