@@ -193,7 +193,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Score); a local copy of pytorch-fid's .pth adds the classifier, hence the Score.
   evaluation.inception_weights = config_dict.placeholder(str)
   # The probability-flow ODE likelihood (docs/likelihood.md) on the num_bpd_examples images: an
-  # EDM model's only bits/dim; beside a DDPM model's bound when ode_bpd (about 100 calls an image).
+  # EDM model's only bits/dim; beside a DDPM model's bound when ode_bpd. RK45 suits an EDM model
+  # (about 100 calls an image); a DDPM model's drift jumps at each of its T levels, which makes
+  # RK45 slow: on CPU use 'heun' with ode_num_steps >= 128 (docs/likelihood.md).
   evaluation.ode_bpd = False
   evaluation.ode_solver = 'rk45'  # 'rk45' (adaptive, score_sde's) | 'heun' (ode_num_steps steps).
   evaluation.ode_num_steps = 64
