@@ -184,8 +184,11 @@ def test_eval_sets_the_ode_likelihood_beside_the_bound_and_resumes(trained, tmp_
   lowest, highest = edm.process_sigma_range(inference.build_model_and_diffusion(config)[1])
   assert (ode['sigma_min'], ode['sigma_max']) == pytest.approx((lowest, highest))
   assert 1.0 < ode['bpd'] < 30.0
-  # A restart reuses the finished batches.
+  # A restart reuses the finished batches; other steps are another integration, not those.
   assert evaluate.evaluate(config, workdir)['ode_bpd'] == ode
+  config.eval.ode_num_steps = 2
+  coarser = evaluate.evaluate(config, workdir)['ode_bpd']
+  assert coarser['nfe'] == 2 * 2 and coarser['bpd'] != ode['bpd']
 
 
 def test_grids_are_enlarged_to_a_readable_size():
