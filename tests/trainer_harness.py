@@ -96,12 +96,11 @@ def child_env(**extra: str) -> dict[str, str]:
   """The environment of a child trainer, with `extra` added.
 
   Children get as many CPU devices as this session (conftest forces 4): the
-  same device count makes the same compiled programs, so a child loads from
-  the shared cache what the session compiled, and the other way round.
+  same device count and XLA flags (the session's $XLA_FLAGS) make the same
+  compiled programs, so a child loads from the shared cache what the session
+  compiled, and the other way round.
   """
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith(('DDPM_TEST_', 'JAX_', 'XLA_FLAGS'))
-  }
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('DDPM_TEST_', 'JAX_'))}
   env.update(
     JAX_PLATFORMS='cpu',
     TF_CPP_MIN_LOG_LEVEL='2',
