@@ -63,6 +63,9 @@ def _snapshot(directory):
 def chain(data_dirs, tmp_path_factory):
   """An uninterrupted run, and a command interrupted three ways, then finished.
 
+  The model is class-conditional, so the labels and their dropout (functions of
+  the seed and the step) are resumed too; tests/test_gcs.py kills and resumes
+  an unconditional run.
   The uninterrupted run is in-process (the same compiled program as the
   children's, from the shared cache); the others are runs of one command:
   1. 'preempted': SIGTERM while the batch of step 1 is drawn.
@@ -71,10 +74,10 @@ def chain(data_dirs, tmp_path_factory):
   4. 'finished': no fault, with a decoy temporary folder of a later step (9).
   """
   root = tmp_path_factory.mktemp('chain')
-  flags = th.config_flags(data_dirs, **CHAIN)
+  flags = th.config_flags(data_dirs, **CHAIN) + th.CONDITIONAL_FLAGS
   reference, workdir = str(root / 'reference'), str(root / 'interrupted')
   checkpoints = os.path.join(workdir, 'checkpoints')
-  config = th.tiny_config(data_dirs, **CHAIN)
+  config = th.conditional(th.tiny_config(data_dirs, **CHAIN))
   train.train_and_evaluate(config, reference)
   result = {}
   faults = (
@@ -142,25 +145,6 @@ def test_a_killed_run_restarted_equals_an_uninterrupted_one_bit_for_bit(chain):
   assert losses == th.read_metrics(chain.reference)
 
 
-def test_a_killed_conditional_run_restarted_equals_an_uninterrupted_one_bit_for_bit(
-  data_dirs, tmp_path, caplog
-):
-  # Labels and label dropout are functions of (seed, step) as well.
-  steps = dict(CHAIN, num_train_steps=6, checkpoint_every_steps=2)
-  config = th.conditional(th.tiny_config(data_dirs, **steps))
-  reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'interrupted')
-  train.train_and_evaluate(config, reference)
-  flags = th.config_flags(data_dirs, **steps) + th.CONDITIONAL_FLAGS
-  env = th.child_env(DDPM_TEST_SIGNAL_AT_STEP=f'{int(signal.SIGKILL)}:5')
-  code, output = th.run_trainer(workdir, flags, env=env)
-  assert code == SIGKILLED, output[-5000:]
-  with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(config, workdir)
-  assert re.search(r'Resumed from step [24]', caplog.text)
-  th.assert_states_equal(th.restore(workdir, config), th.restore(reference, config))
-  assert th.read_metrics(workdir) == th.read_metrics(reference)
-
-
 @pytest.fixture(scope='module')
 def cli(chain, data_dirs, tmp_path_factory):
   """main.py with bad input, each case started at once: name -> (code, output, workdir, before)."""
@@ -168,7 +152,7 @@ def cli(chain, data_dirs, tmp_path_factory):
   # A data dir of its own shows whether a failing run got as far as preparing data.
   unprepared = (data_dirs[0], str(root / 'tfds_unprepared'))
   fresh = th.config_flags(unprepared, num_train_steps=2, sample_every_steps=0)
-  resume = th.config_flags(data_dirs, **dict(CHAIN, num_train_steps=9))
+  resume = th.config_flags(data_dirs, **dict(CHAIN, num_train_steps=9)) + th.CONDITIONAL_FLAGS
   cases = {
     'typo': fresh + ['--config.training.batch_szie=8'],
     'wrong_type': fresh + ['--config.training.batch_size=eight'],
