@@ -11,7 +11,6 @@ from ddpm_jax.models import UNet, layers, unet_from_config
 # A tiny model that still has every kind of layer: 3x3 and strided convs,
 # Dense (timestep, shortcut, attention), norms, dropout, upsampling conv.
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1)
-_FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
 def _inputs():
@@ -23,9 +22,7 @@ def _inputs():
 def initialised():
   """Each set's initial variables of the tiny model (real, jitted initialisation)."""
   x, t = _inputs()
-  init = lambda m: jax.jit(
-    lambda x, t: m.init(jax.random.key(0), x, t, train=False), compiler_options=_FAST_COMPILE
-  )
+  init = lambda m: jax.jit(lambda x, t: m.init(jax.random.key(0), x, t, train=False))
   return {name: init(UNet(**TINY, layers=s))(x, t) for name, s in layers.LAYER_SETS.items()}
 
 
@@ -61,7 +58,7 @@ def test_fast_layers_compute_the_reference_function(train, initialised):
       return jnp.sum(out * cotangent), out
 
     grads = jax.value_and_grad(loss, (0, 1), has_aux=True)
-    return jax.jit(grads, compiler_options=_FAST_COMPILE)(params, x)
+    return jax.jit(grads)(params, x)
 
   (_, fast_out), fast_grads = value_and_grads(layers.FAST)
   (_, ref_out), ref_grads = value_and_grads(layers.REFERENCE)

@@ -66,6 +66,7 @@ def chain(data_dirs, tmp_path_factory):
   The model is class-conditional, so the labels and their dropout (functions of
   the seed and the step) are resumed too; tests/test_gcs.py kills and resumes
   an unconditional run.
+
   The uninterrupted run is in-process (the same compiled program as the
   children's, from the shared cache); the others are runs of one command:
   1. 'preempted': SIGTERM while the batch of step 1 is drawn.

@@ -30,19 +30,12 @@ def _num_params(variables):
   return sum(math.prod(a.shape) for a in jax.tree.leaves(variables))
 
 
-# Model initialisation is dominated by compiling the per-parameter RNG code,
-# which gains nothing from optimisation: compiling it at XLA's lowest backend
-# optimisation level makes it several times faster.
-_FAST_COMPILE = {'xla_backend_optimization_level': 0}
 _APPLY_CACHE = {}
 
 
 def _init(model, x, t):
   """Real (jitted) initialisation with the model's own initialisers."""
-  init = jax.jit(
-    lambda x, t: model.init(jax.random.key(0), x, t, train=False), compiler_options=_FAST_COMPILE
-  )
-  return init(x, t)
+  return jax.jit(lambda x, t: model.init(jax.random.key(0), x, t, train=False))(x, t)
 
 
 def _apply(model, variables, x, t, train=False, rng=None):
@@ -316,10 +309,7 @@ def test_class_conditional_unet_adds_only_a_class_embedding(tiny):
   model = UNet(**TINY, dropout=0.1, num_classes=4)
   x, t = tiny['x'], tiny['t']
   y = jnp.array([1, 4], jnp.int32)  # 4: the null label.
-  init = jax.jit(
-    lambda x, t, y: model.init(jax.random.key(0), x, t, y, train=False),
-    compiler_options=_FAST_COMPILE,
-  )
+  init = jax.jit(lambda x, t, y: model.init(jax.random.key(0), x, t, y, train=False))
   params = dict(init(x, t, y)['params'])
   # One (num_classes + 1) x 4ch table more; every other parameter as the unconditional model's.
   embedding = params.pop('class_embed')['embedding']
